@@ -1,0 +1,1 @@
+//! ACPI table assembly (filled in by its owner).

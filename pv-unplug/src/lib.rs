@@ -1,0 +1,1 @@
+//! Xen platform PCI device and the emulated-device unplug protocol (later issue).

@@ -1,0 +1,1 @@
+//! QEMU-style argv parser, QMP server, xenstore state, save/restore (later issue).

@@ -1,0 +1,1 @@
+//! Xen backend: libxen FFI, ioreq server, xenstore (later issue; builds and is wired into the layout).
