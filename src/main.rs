@@ -1,1 +1,120 @@
-fn main() {}
+//! hvmdm: a Xen HVM device model (qemu-xen drop-in) whose device graph also runs on KVM.
+
+mod config;
+mod kvm;
+mod machine;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use config::MachineConfig;
+
+#[derive(Parser)]
+#[command(name = "hvmdm", version, about = "Xen HVM device model with a KVM backend")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a guest on KVM with hvmdm's device graph.
+    Kvm(KvmArgs),
+    /// Serve a Xen HVM domain as its device model (not implemented yet).
+    Xen,
+}
+
+#[derive(Args)]
+struct KvmArgs {
+    /// seabios, ovmf, or a path to a firmware image.
+    #[arg(long, default_value = "seabios")]
+    firmware: String,
+    /// Guest RAM (K/M/G suffix; plain numbers are MiB).
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    smp: u32,
+    /// Linux kernel for direct boot (through fw_cfg).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for direct boot.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for direct boot.
+    #[arg(long, default_value = "")]
+    append: String,
+    /// file=PATH[,if=ide][,readonly=on][,format=raw][,media=disk]; repeatable.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// stdio, file:PATH, pty or none (COM1).
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+    /// Save the firmware debug-port output (0x402) to this file.
+    #[arg(long)]
+    firmware_log: Option<PathBuf>,
+    /// Boot order letters as QEMU's -boot order= (c = disk, d = CD-ROM, n = network).
+    #[arg(long, default_value = "c")]
+    boot: String,
+    /// Run even on a software-only KVM (kvm_pvm), which cannot run OVMF or Linux.
+    #[arg(long)]
+    allow_software_kvm: bool,
+}
+
+fn machine_config(a: &KvmArgs) -> Result<MachineConfig> {
+    let memory = config::check_memory(config::parse_size(&a.memory)?)?;
+    let smp = config::check_smp(a.smp)?;
+    let firmware = config::resolve_firmware(&a.firmware)?;
+    for (what, p) in [("kernel", &a.kernel), ("initrd", &a.initrd)] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                bail!("{what} {} not found", p.display());
+            }
+        }
+    }
+    if a.initrd.is_some() && a.kernel.is_none() {
+        bail!("--initrd needs --kernel");
+    }
+    let disks = a.disk.iter().map(|d| config::parse_disk(d)).collect::<Result<Vec<_>, _>>()?;
+    if disks.len() > 4 {
+        bail!("at most 4 IDE disks (2 channels x master/slave)");
+    }
+    Ok(MachineConfig {
+        memory,
+        smp,
+        firmware,
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        append: a.append.clone(),
+        disks,
+        serial: config::parse_serial(&a.serial)?,
+        firmware_log: a.firmware_log.clone(),
+        boot_order: a.boot.clone(),
+    })
+}
+
+fn run() -> Result<i32> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Kvm(a) => {
+            let cfg = machine_config(&a)?;
+            let opts = kvm::KvmOptions { allow_software_kvm: a.allow_software_kvm };
+            kvm::run(&cfg, &opts).context("KVM backend")
+        }
+        Cmd::Xen => bail!("the Xen backend is not implemented yet"),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run() {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("hvmdm: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -16,3 +16,4 @@ pub mod platform;
 pub mod ratelimit;
 pub mod serial;
 pub mod storage;
+pub mod topology;

@@ -1,0 +1,219 @@
+//! MachineConfig: one typed description of a VM, whichever front end (the `hvmdm kvm` CLI, or later
+//! libxl's QEMU-style argv) built it.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("bad size {0:?}: expected a number with an optional K/M/G suffix (plain numbers are MiB)")]
+    BadSize(String),
+    #[error("memory size {0} MiB is out of range: hvmdm needs 16 MiB .. 1 TiB")]
+    MemoryRange(u64),
+    #[error("--smp {0} is out of range: 1..=255 vCPUs")]
+    SmpRange(u32),
+    #[error("bad --disk {0:?}: {1}")]
+    BadDisk(String, String),
+    #[error("bad --serial {0:?}: expected stdio, file:PATH, pty or none")]
+    BadSerial(String),
+    #[error("{what} {path:?} not found{hint}")]
+    Missing { what: &'static str, path: PathBuf, hint: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirmwareConfig {
+    /// A legacy BIOS image mapped at the top of 4 GiB with its last 128 KiB aliased below 1 MiB.
+    Bios(PathBuf),
+    /// Split OVMF: read-only CODE at the top of 4 GiB, a private copy of VARS just below it.
+    OvmfSplit { code: PathBuf, vars_template: PathBuf },
+}
+
+impl FirmwareConfig {
+    pub fn is_ovmf(&self) -> bool {
+        match self {
+            FirmwareConfig::OvmfSplit { .. } => true,
+            FirmwareConfig::Bios(p) => p.to_string_lossy().to_ascii_lowercase().contains("ovmf"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskInterface {
+    Ide,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub interface: DiskInterface,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    Stdio,
+    File(PathBuf),
+    Pty,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub memory: u64,
+    pub smp: u32,
+    pub firmware: FirmwareConfig,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: String,
+    pub disks: Vec<DiskConfig>,
+    pub serial: SerialConfig,
+    pub firmware_log: Option<PathBuf>,
+    /// QEMU-style boot order letters ("c" disk, "d" CD, "n" network).
+    pub boot_order: String,
+}
+
+/// Parses "512M", "2G", "65536K", or a plain number of MiB (QEMU's convention) into bytes.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1u64 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1u64 << 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 1u64 << 40),
+        Some(c) if c.is_ascii_digit() => (t, 1u64 << 20),
+        _ => return Err(bad()),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+pub fn check_memory(bytes: u64) -> Result<u64, ConfigError> {
+    let mib = bytes >> 20;
+    if !(16..=1 << 20).contains(&mib) || bytes % (1 << 20) != 0 {
+        return Err(ConfigError::MemoryRange(mib));
+    }
+    Ok(bytes)
+}
+
+pub fn check_smp(n: u32) -> Result<u32, ConfigError> {
+    if !(1..=255).contains(&n) {
+        return Err(ConfigError::SmpRange(n));
+    }
+    Ok(n)
+}
+
+/// `file=PATH[,if=ide][,readonly=on|off][,format=raw][,media=disk]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadDisk(s.to_string(), why.to_string());
+    let mut path = None;
+    let mut interface = DiskInterface::Ide;
+    let mut readonly = false;
+    for part in s.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| bad("expected key=value"))?;
+        match k {
+            "file" => path = Some(PathBuf::from(v)),
+            "if" => match v {
+                "ide" => interface = DiskInterface::Ide,
+                other => return Err(bad(&format!("interface {other} is not supported yet (only ide)"))),
+            },
+            "readonly" => {
+                readonly = match v {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(bad("readonly must be on or off")),
+                }
+            }
+            "format" if v == "raw" => {}
+            "format" => return Err(bad(&format!("format {v} is not supported yet (only raw)"))),
+            "media" if v == "disk" => {}
+            "media" => return Err(bad(&format!("media {v} is not supported yet (only disk)"))),
+            other => return Err(bad(&format!("unknown key {other}"))),
+        }
+    }
+    let path = path.ok_or_else(|| bad("file= is required"))?;
+    if !path.is_file() {
+        return Err(ConfigError::Missing { what: "disk image", path, hint: String::new() });
+    }
+    Ok(DiskConfig { path, interface, readonly })
+}
+
+pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
+    Ok(match s {
+        "stdio" => SerialConfig::Stdio,
+        "pty" => SerialConfig::Pty,
+        "none" => SerialConfig::None,
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => SerialConfig::File(PathBuf::from(p)),
+            _ => return Err(ConfigError::BadSerial(s.to_string())),
+        },
+    })
+}
+
+pub const SEABIOS_DEFAULT: &str = "/usr/share/seabios/bios-256k.bin";
+pub const OVMF_CODE_DEFAULT: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS_DEFAULT: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// `seabios`, `ovmf` or a path to a BIOS/OVMF image.
+pub fn resolve_firmware(s: &str) -> Result<FirmwareConfig, ConfigError> {
+    let need = |what: &'static str, p: &str, pkg: &str| -> Result<PathBuf, ConfigError> {
+        let path = PathBuf::from(p);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(ConfigError::Missing {
+                what,
+                path,
+                hint: format!(" (install Debian's {pkg} package: apt-get install {pkg})"),
+            })
+        }
+    };
+    match s {
+        "seabios" => Ok(FirmwareConfig::Bios(need("SeaBIOS image", SEABIOS_DEFAULT, "seabios")?)),
+        "ovmf" => Ok(FirmwareConfig::OvmfSplit {
+            code: need("OVMF code image", OVMF_CODE_DEFAULT, "ovmf")?,
+            vars_template: need("OVMF variable store template", OVMF_VARS_DEFAULT, "ovmf")?,
+        }),
+        path => Ok(FirmwareConfig::Bios(need("firmware image", path, "seabios or ovmf")?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("128").unwrap(), 128 << 20);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+        assert!(check_memory(8 << 20).is_err());
+        assert!(check_memory(512 << 20).is_ok());
+        assert!(check_smp(0).is_err());
+        assert!(check_smp(256).is_err());
+    }
+
+    #[test]
+    fn disk_and_serial() {
+        assert!(parse_disk("if=ide").is_err());
+        assert!(parse_disk("file=/nonexistent/x.img").is_err());
+        let e = parse_disk("file=/etc/hostname,if=scsi").unwrap_err().to_string();
+        assert!(e.contains("scsi"), "{e}");
+        let d = parse_disk("file=/etc/hostname,if=ide,readonly=on").unwrap();
+        assert!(d.readonly);
+        assert_eq!(parse_serial("file:/tmp/x").unwrap(), SerialConfig::File("/tmp/x".into()));
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp:1").is_err());
+    }
+
+    #[test]
+    fn missing_firmware_names_package() {
+        let e = resolve_firmware("/nonexistent/bios.bin").unwrap_err().to_string();
+        assert!(e.contains("not found"), "{e}");
+    }
+}
