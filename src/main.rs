@@ -1,5 +1,6 @@
 //! hvmdm: a Xen HVM device model (qemu-xen drop-in) whose device graph also runs on KVM.
 
+mod chardev;
 mod config;
 mod kvm;
 mod machine;

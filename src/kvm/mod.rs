@@ -50,6 +50,9 @@ pub enum KvmError {
     Signal(vmm_sys_util::errno::Error),
 }
 
+/// Four pages KVM uses itself on VMX hosts (identity map + TSS): reserved in the e820 map.
+pub const KVM_PRIVATE_PAGES: u64 = 0xfeff_c000;
+
 /// What the control thread hears from devices and vCPUs.
 #[derive(Debug)]
 pub enum VmEvent {
@@ -104,8 +107,10 @@ pub fn run(cfg: &MachineConfig, opts: &KvmOptions) -> Result<i32, KvmError> {
         }
     }
     let vm = Arc::new(kvm.create_vm().map_err(setup::<()>("KVM_CREATE_VM"))?);
-    vm.set_tss_address(0xfffb_d000).map_err(setup::<()>("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(0xfffb_c000).map_err(setup::<()>("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    // VMX needs these private pages (SVM ignores them); placed where QEMU puts them, below the
+    // 16 MiB firmware window, and reserved in the e820 map (KVM_PRIVATE_PAGES).
+    vm.set_identity_map_address(KVM_PRIVATE_PAGES).map_err(setup::<()>("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(KVM_PRIVATE_PAGES as usize + 0x1000).map_err(setup::<()>("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(setup::<()>("KVM_CREATE_IRQCHIP"))?;
     vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
         .map_err(setup::<()>("KVM_CREATE_PIT2"))?;
