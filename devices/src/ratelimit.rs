@@ -18,7 +18,7 @@ pub fn should_log(key: &str) -> bool {
     let map = guard.get_or_insert_with(HashMap::new);
     if let Some(n) = map.get_mut(key) {
         *n += 1;
-        return (*n).is_multiple_of(1024);
+        return *n % 1024 == 0;
     }
     if map.len() >= MAX_KEYS {
         return false;
