@@ -1,0 +1,1302 @@
+//! PIIX3 IDE (00:01.1, 8086:7010) in legacy (compatibility) mode: two channels with two drive
+//! slots each, the ISA-style task-file ports and the SFF-8038i bus-master block.
+//!
+//! Regions served by [`IdeController`] (the PCI function maps the bus-master block at BAR4 and
+//! registers it with [`REGION_BUS_MASTER`]; [`IdeController::register_legacy`] maps the rest):
+//!
+//! | id | region | ports | rules |
+//! |----|--------|-------|-------|
+//! | 0 [`REGION_PRIMARY_CMD`] | primary command block | 0x1F0..0x1F7 | [`CMD_BLOCK_RULES`] |
+//! | 1 [`REGION_PRIMARY_CTL`] | primary alt status / device control | 0x3F6 | [`CTL_RULES`] |
+//! | 2 [`REGION_SECONDARY_CMD`] | secondary command block | 0x170..0x177 | [`CMD_BLOCK_RULES`] |
+//! | 3 [`REGION_SECONDARY_CTL`] | secondary alt status / device control | 0x376 | [`CTL_RULES`] |
+//! | 4 [`REGION_BUS_MASTER`] | bus master, 16 bytes (primary +0..7, secondary +8..15) | BAR4 | [`BUS_MASTER_RULES`] |
+//!
+//! The data register (+0) takes 16- and 32-bit accesses; the other command-block registers are
+//! bytes. Interrupts follow the PC legacy model: a completion raises the channel's ISA line
+//! (14/15) unless nIEN is set, and a read of the status register lowers it.
+//!
+//! Behaviour chosen to match what firmware and Linux's libata probe expect (and what QEMU does):
+//! - A channel with no drives reads 0 in every register (libata's device check then fails).
+//! - With only a master, the slave slot's status and alternate status read 0 and commands to it
+//!   are ignored; its other registers latch writes like real shared task-file registers, and after
+//!   reset it holds an ATA signature with error 01h, so libata classifies "ATA with status 0" as no
+//!   device instead of probing a phantom.
+//! - SRST: while the bit is set every present drive is BSY; when it is cleared the drives post
+//!   their signature (count 1, LBA 1, mid/high 00/00 for ATA, 14/EB for ATAPI), error 01h, status
+//!   DRDY|DSC, and device 0 is selected. No interrupt (ATA spec; libata polls).
+//!
+//! Disk I/O is synchronous in this version: PIO blocks are read/written in the data-register
+//! access that needs them and a DMA command runs to completion inside the bus-master start write
+//! (or the command write, if the engine was started first). The DMA work goes through
+//! [`DmaEngine::step`] so a later version can hand it to a worker and complete it deferred.
+
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use super::ata::{
+    error, status, AtaAction, AtaDisk, AtaError, DiskConfig, DriveKind, SectorXfer, Taskfile, SECTOR_SIZE,
+};
+use super::bmdma::{DmaEngine, DmaFailure};
+use super::image::BlockBackend;
+use crate::bus::{AccessRules, Bus, BusDevice, BusError, IoResult, RegionId};
+use crate::irq::IsaIrq;
+use crate::mem::GuestRam;
+use crate::warn_limited;
+
+pub const REGION_PRIMARY_CMD: RegionId = 0;
+pub const REGION_PRIMARY_CTL: RegionId = 1;
+pub const REGION_SECONDARY_CMD: RegionId = 2;
+pub const REGION_SECONDARY_CTL: RegionId = 3;
+pub const REGION_BUS_MASTER: RegionId = 4;
+
+pub const PRIMARY_CMD_BASE: u64 = 0x1f0;
+pub const PRIMARY_CTL_BASE: u64 = 0x3f6;
+pub const SECONDARY_CMD_BASE: u64 = 0x170;
+pub const SECONDARY_CTL_BASE: u64 = 0x376;
+pub const CMD_BLOCK_LEN: u64 = 8;
+/// Only +6 of the control block: +7 (drive address) overlaps the floppy controller's DIR.
+pub const CTL_LEN: u64 = 1;
+pub const BUS_MASTER_LEN: u64 = 16;
+
+/// Command block: bytes, plus 16/32-bit data-register accesses, delivered as issued.
+pub const CMD_BLOCK_RULES: AccessRules = AccessRules::new(1, 4, 1, 4);
+pub const CTL_RULES: AccessRules = AccessRules::BYTE_ONLY;
+/// Bus master: any size 1..4, handled as bytes (the PRD address register assembles its bytes).
+pub const BUS_MASTER_RULES: AccessRules = AccessRules::BYTES;
+
+/// The four legacy regions: (base, len, rules, region id).
+pub const LEGACY_REGIONS: [(u64, u64, AccessRules, RegionId); 4] = [
+    (PRIMARY_CMD_BASE, CMD_BLOCK_LEN, CMD_BLOCK_RULES, REGION_PRIMARY_CMD),
+    (PRIMARY_CTL_BASE, CTL_LEN, CTL_RULES, REGION_PRIMARY_CTL),
+    (SECONDARY_CMD_BASE, CMD_BLOCK_LEN, CMD_BLOCK_RULES, REGION_SECONDARY_CMD),
+    (SECONDARY_CTL_BASE, CTL_LEN, CTL_RULES, REGION_SECONDARY_CTL),
+];
+
+// Device control register.
+const CTL_NIEN: u8 = 0x02;
+const CTL_SRST: u8 = 0x04;
+const CTL_HOB: u8 = 0x80;
+
+// Bus-master command / status.
+const BM_CMD_START: u8 = 0x01;
+/// Set: the controller writes memory (device-to-host, a read command).
+const BM_CMD_TO_MEMORY: u8 = 0x08;
+const BM_ST_ACTIVE: u8 = 0x01;
+const BM_ST_ERROR: u8 = 0x02;
+const BM_ST_INTERRUPT: u8 = 0x04;
+const BM_ST_DRIVE_DMA: u8 = 0x60;
+
+/// Obsolete device-register bits that always read as one.
+const DEV_ALWAYS_ONE: u8 = 0xa0;
+
+#[derive(Debug, Error)]
+pub enum IdeError {
+    #[error("no IDE slot {channel}:{drive} (channel 0..1, drive 0..1)")]
+    BadSlot { channel: usize, drive: usize },
+    #[error("IDE slot {channel}:{drive} is already in use")]
+    Occupied { channel: usize, drive: usize },
+    #[error("IDE slot {channel}:{drive} is empty")]
+    Empty { channel: usize, drive: usize },
+    #[error("{0:?} drives are not supported yet")]
+    Unsupported(DriveKind),
+    #[error("flushing IDE slot {channel}:{drive} failed")]
+    Flush { channel: usize, drive: usize },
+}
+
+/// What occupies a slot. ATAPI (CD-ROM) will be a second variant with its PACKET layer.
+#[derive(Debug)]
+enum Media {
+    Disk(AtaDisk),
+}
+
+impl Media {
+    fn kind(&self) -> DriveKind {
+        match self {
+            Media::Disk(_) => DriveKind::Disk,
+        }
+    }
+    fn backend(&self) -> &Arc<dyn BlockBackend> {
+        match self {
+            Media::Disk(d) => d.backend(),
+        }
+    }
+}
+
+/// PIO data phase of the selected drive.
+#[derive(Debug, Default)]
+enum Pio {
+    #[default]
+    Idle,
+    /// Device to host: `buf` is the current DRQ block; `rest` is what follows it.
+    In { buf: Vec<u8>, pos: usize, rest: Option<SectorXfer> },
+    /// Host to device: `buf` fills up, then goes to `xfer.lba`.
+    Out { buf: Vec<u8>, pos: usize, xfer: SectorXfer },
+}
+
+#[derive(Debug, Default)]
+struct Drive {
+    tf: Taskfile,
+    status: u8,
+    error: u8,
+    media: Option<Media>,
+    pio: Pio,
+}
+
+impl Drive {
+    /// Post-reset register state (power-on, SRST release, EXECUTE DEVICE DIAGNOSTIC).
+    fn post_signature(&mut self) {
+        self.tf.set_signature(self.media.as_ref().map_or(DriveKind::Disk, Media::kind));
+        self.error = error::DIAG_PASSED;
+        self.status = match &self.media {
+            Some(Media::Disk(_)) => status::DRDY | status::DSC,
+            None => 0,
+        };
+        self.pio = Pio::Idle;
+    }
+
+    fn fail(&mut self, e: AtaError) {
+        self.pio = Pio::Idle;
+        self.status = status::DRDY | status::ERR;
+        self.error = e.error_bits();
+    }
+}
+
+/// A DMA command waiting for (or running under) the bus-master engine.
+#[derive(Debug)]
+struct DmaJob {
+    unit: usize,
+    xfer: SectorXfer,
+}
+
+#[derive(Debug)]
+struct Channel {
+    index: usize,
+    drives: [Drive; 2],
+    unit: usize,
+    ctl: u8,
+    irq: IsaIrq,
+    irq_pending: bool,
+    irq_level: bool,
+    bm_cmd: u8,
+    bm_status: u8,
+    bm_prd: u32,
+    dma: Option<DmaJob>,
+}
+
+impl Channel {
+    fn new(index: usize, irq: IsaIrq) -> Self {
+        Channel {
+            index,
+            drives: Default::default(),
+            unit: 0,
+            ctl: 0,
+            irq,
+            irq_pending: false,
+            irq_level: false,
+            bm_cmd: 0,
+            bm_status: 0,
+            bm_prd: 0,
+            dma: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        for d in &mut self.drives {
+            if let Some(Media::Disk(disk)) = &mut d.media {
+                disk.reset();
+            }
+            d.tf = Taskfile { device: DEV_ALWAYS_ONE, ..Default::default() };
+            d.post_signature();
+        }
+        self.unit = 0;
+        self.ctl = 0;
+        self.bm_cmd = 0;
+        self.bm_status = 0;
+        self.bm_prd = 0;
+        self.dma = None;
+        self.irq_pending = false;
+        self.irq_level = false;
+        self.irq.set_level(false);
+    }
+
+    fn empty(&self) -> bool {
+        self.drives.iter().all(|d| d.media.is_none())
+    }
+
+    fn update_irq(&mut self) {
+        let level = self.irq_pending && self.ctl & CTL_NIEN == 0;
+        if level && !self.irq_level {
+            // The bus-master interrupt bit latches the drive's INTRQ assertion.
+            self.bm_status |= BM_ST_INTERRUPT;
+        }
+        if level != self.irq_level {
+            self.irq_level = level;
+            self.irq.set_level(level);
+        }
+    }
+
+    fn raise_irq(&mut self) {
+        self.irq_pending = true;
+        if self.ctl & CTL_NIEN == 0 {
+            self.bm_status |= BM_ST_INTERRUPT;
+        }
+        self.update_irq();
+    }
+
+    fn lower_irq(&mut self) {
+        self.irq_pending = false;
+        self.update_irq();
+    }
+
+    fn status_value(&self) -> u8 {
+        let d = &self.drives[self.unit];
+        if d.media.is_none() {
+            0
+        } else {
+            d.status
+        }
+    }
+
+    // ---- command block ----
+
+    fn read_reg(&mut self, reg: u64) -> u8 {
+        if self.empty() {
+            if reg == 7 {
+                self.lower_irq();
+            }
+            return 0;
+        }
+        let hob = self.ctl & CTL_HOB != 0;
+        let d = &self.drives[self.unit];
+        let tf = &d.tf;
+        match reg {
+            1 if hob => tf.hob_feature,
+            1 => d.error,
+            2 if hob => tf.hob_count,
+            2 => tf.count,
+            3 if hob => tf.hob_lba_low,
+            3 => tf.lba_low,
+            4 if hob => tf.hob_lba_mid,
+            4 => tf.lba_mid,
+            5 if hob => tf.hob_lba_high,
+            5 => tf.lba_high,
+            6 => tf.device,
+            _ => {
+                let v = self.status_value();
+                self.lower_irq();
+                v
+            }
+        }
+    }
+
+    fn write_reg(&mut self, mem: &dyn GuestRam, reg: u64, v: u8) {
+        // Any command-block write clears HOB (ATA-6 device control).
+        self.ctl &= !CTL_HOB;
+        // Both devices latch task-file writes; only the selected one executes commands.
+        for d in &mut self.drives {
+            let tf = &mut d.tf;
+            match reg {
+                1 => (tf.hob_feature, tf.feature) = (tf.feature, v),
+                2 => (tf.hob_count, tf.count) = (tf.count, v),
+                3 => (tf.hob_lba_low, tf.lba_low) = (tf.lba_low, v),
+                4 => (tf.hob_lba_mid, tf.lba_mid) = (tf.lba_mid, v),
+                5 => (tf.hob_lba_high, tf.lba_high) = (tf.lba_high, v),
+                6 => tf.device = v | DEV_ALWAYS_ONE,
+                _ => {}
+            }
+        }
+        match reg {
+            6 => self.unit = usize::from(v >> 4 & 1),
+            7 => self.exec_command(mem, v),
+            _ => {}
+        }
+    }
+
+    fn exec_command(&mut self, mem: &dyn GuestRam, command: u8) {
+        let ch = self.index;
+        let unit = self.unit;
+        let d = &mut self.drives[unit];
+        let Some(media) = d.media.as_mut() else {
+            // Commands to an absent device go nowhere.
+            return;
+        };
+        if d.status & (status::BSY | status::DRQ) != 0 {
+            warn_limited!(
+                format!("ide{ch}-busy-cmd"),
+                "ide{ch}.{unit}: command {command:#04x} while busy (status {:#04x}) ignored",
+                d.status
+            );
+            return;
+        }
+        d.tf.command = command;
+        d.error = 0;
+        d.pio = Pio::Idle;
+        let Media::Disk(disk) = media;
+        match disk.execute(&mut d.tf) {
+            Ok(AtaAction::Complete) => {
+                d.status = status::DRDY | status::DSC;
+                self.raise_irq();
+            }
+            Ok(AtaAction::DataIn(buf)) => {
+                d.pio = Pio::In { buf, pos: 0, rest: None };
+                d.status = status::DRDY | status::DSC | status::DRQ;
+                self.raise_irq();
+            }
+            Ok(AtaAction::Diagnostic) => {
+                for dr in &mut self.drives {
+                    dr.post_signature();
+                }
+                self.raise_irq();
+            }
+            Ok(AtaAction::Transfer(x)) if x.dma => {
+                d.status = status::DRDY | status::DSC | status::DRQ;
+                self.dma = Some(DmaJob { unit, xfer: x });
+                if self.bm_cmd & BM_CMD_START != 0 {
+                    self.run_dma(mem);
+                }
+            }
+            Ok(AtaAction::Transfer(x)) if x.write => {
+                let n = x.block.min(x.count) as usize;
+                d.pio = Pio::Out { buf: vec![0; n * SECTOR_SIZE], pos: 0, xfer: x };
+                // The first block of a PIO write is requested without an interrupt.
+                d.status = status::DRDY | status::DSC | status::DRQ;
+            }
+            Ok(AtaAction::Transfer(x)) => self.pio_in_next_block(x),
+            Err(e) => {
+                d.fail(e);
+                self.raise_irq();
+            }
+        }
+    }
+
+    /// Loads the next DRQ block of a PIO read, or finishes the command.
+    fn pio_in_next_block(&mut self, mut x: SectorXfer) {
+        let d = &mut self.drives[self.unit];
+        let Some(Media::Disk(disk)) = &d.media else { return };
+        let n = x.block.min(x.count);
+        let mut buf = vec![0; n as usize * SECTOR_SIZE];
+        if let Err(e) = disk.read_sectors(x.lba, &mut buf) {
+            d.fail(e);
+            self.raise_irq();
+            return;
+        }
+        x.lba += u64::from(n);
+        x.count -= n;
+        disk.set_address(&mut d.tf, x.lba, x.ext);
+        d.pio = Pio::In { buf, pos: 0, rest: Some(x) };
+        d.status = status::DRDY | status::DSC | status::DRQ;
+        self.raise_irq();
+    }
+
+    fn data_read(&mut self, out: &mut [u8]) {
+        out.fill(0);
+        let d = &mut self.drives[self.unit];
+        if d.media.is_none() || d.status & status::DRQ == 0 {
+            return;
+        }
+        let Pio::In { buf, pos, rest } = &mut d.pio else { return };
+        let n = out.len();
+        if *pos + n > buf.len() {
+            return;
+        }
+        out.copy_from_slice(&buf[*pos..*pos + n]);
+        *pos += n;
+        if *pos < buf.len() {
+            return;
+        }
+        match rest.take() {
+            Some(x) if x.count > 0 => self.pio_in_next_block(x),
+            // Last block read: no interrupt at the end of a PIO data-in command.
+            _ => {
+                d.pio = Pio::Idle;
+                d.status = status::DRDY | status::DSC;
+            }
+        }
+    }
+
+    fn data_write(&mut self, data: &[u8]) {
+        let d = &mut self.drives[self.unit];
+        if d.media.is_none() || d.status & status::DRQ == 0 {
+            return;
+        }
+        let Pio::Out { buf, pos, xfer } = &mut d.pio else { return };
+        let n = data.len();
+        if *pos + n > buf.len() {
+            return;
+        }
+        buf[*pos..*pos + n].copy_from_slice(data);
+        *pos += n;
+        if *pos < buf.len() {
+            return;
+        }
+        let mut x = *xfer;
+        let buf = std::mem::take(buf);
+        let Some(Media::Disk(disk)) = &d.media else { return };
+        let done = (buf.len() / SECTOR_SIZE) as u32;
+        if let Err(e) = disk.write_sectors(x.lba, &buf) {
+            d.fail(e);
+            self.raise_irq();
+            return;
+        }
+        x.lba += u64::from(done);
+        x.count -= done;
+        disk.set_address(&mut d.tf, x.lba, x.ext);
+        if x.count > 0 {
+            let n = x.block.min(x.count) as usize;
+            d.pio = Pio::Out { buf: vec![0; n * SECTOR_SIZE], pos: 0, xfer: x };
+            d.status = status::DRDY | status::DSC | status::DRQ;
+        } else {
+            d.pio = Pio::Idle;
+            d.status = status::DRDY | status::DSC;
+        }
+        self.raise_irq();
+    }
+
+    fn read_cmd_block(&mut self, offset: u64, data: &mut [u8]) {
+        if offset == 0 && data.len() >= 2 {
+            return self.data_read(data);
+        }
+        for (i, b) in data.iter_mut().enumerate() {
+            let reg = offset + i as u64;
+            *b = if reg == 0 {
+                // The data register has no byte-wide PIO mode.
+                warn_limited!(
+                    format!("ide{}-data8", self.index),
+                    "ide{}: 8-bit data register read",
+                    self.index
+                );
+                0xff
+            } else if reg < CMD_BLOCK_LEN {
+                self.read_reg(reg)
+            } else {
+                0xff
+            };
+        }
+    }
+
+    fn write_cmd_block(&mut self, mem: &dyn GuestRam, offset: u64, data: &[u8]) {
+        if offset == 0 && data.len() >= 2 {
+            return self.data_write(data);
+        }
+        for (i, b) in data.iter().enumerate() {
+            let reg = offset + i as u64;
+            if reg == 0 {
+                warn_limited!(
+                    format!("ide{}-data8w", self.index),
+                    "ide{}: 8-bit data register write",
+                    self.index
+                );
+            } else if reg < CMD_BLOCK_LEN {
+                self.write_reg(mem, reg, *b);
+            }
+        }
+    }
+
+    // ---- control block ----
+
+    fn read_alt_status(&self) -> u8 {
+        if self.empty() {
+            0
+        } else {
+            self.status_value()
+        }
+    }
+
+    fn write_ctl(&mut self, v: u8) {
+        let old = self.ctl;
+        self.ctl = v;
+        if v & CTL_SRST != 0 && old & CTL_SRST == 0 {
+            // Reset asserted: abort whatever runs; drives stay busy until it is released.
+            self.dma = None;
+            self.bm_status &= !BM_ST_ACTIVE;
+            for d in &mut self.drives {
+                d.pio = Pio::Idle;
+                if d.media.is_some() {
+                    d.status = status::BSY;
+                }
+            }
+            self.irq_pending = false;
+        } else if v & CTL_SRST == 0 && old & CTL_SRST != 0 {
+            for d in &mut self.drives {
+                d.tf.device = DEV_ALWAYS_ONE;
+                d.post_signature();
+            }
+            self.unit = 0;
+        }
+        self.update_irq();
+    }
+
+    // ---- bus master ----
+
+    fn bm_read(&self, reg: u64) -> u8 {
+        match reg {
+            0 => self.bm_cmd,
+            2 => self.bm_status,
+            4..=7 => (self.bm_prd >> (8 * (reg - 4))) as u8,
+            _ => 0,
+        }
+    }
+
+    fn bm_write(&mut self, mem: &dyn GuestRam, reg: u64, v: u8) {
+        match reg {
+            0 => {
+                let was = self.bm_cmd & BM_CMD_START;
+                self.bm_cmd = v & (BM_CMD_START | BM_CMD_TO_MEMORY);
+                if v & BM_CMD_START != 0 && was == 0 {
+                    self.bm_status |= BM_ST_ACTIVE;
+                    if self.dma.is_some() {
+                        self.run_dma(mem);
+                    }
+                } else if v & BM_CMD_START == 0 && was != 0 {
+                    // Stop. A synchronous transfer has already finished by now; a pending
+                    // command stays queued until the engine is started again.
+                    self.bm_status &= !BM_ST_ACTIVE;
+                }
+            }
+            2 => {
+                let keep = self.bm_status & !(BM_ST_ERROR | BM_ST_INTERRUPT | BM_ST_DRIVE_DMA);
+                let w1c = self.bm_status & (BM_ST_ERROR | BM_ST_INTERRUPT) & !v;
+                self.bm_status = keep | w1c | (v & BM_ST_DRIVE_DMA);
+            }
+            4..=7 => {
+                let shift = 8 * (reg - 4);
+                let v = (self.bm_prd & !(0xff << shift)) | (u32::from(v) << shift);
+                self.bm_prd = v & !3;
+            }
+            _ => {}
+        }
+    }
+
+    /// Runs the queued DMA command to completion (synchronously, in this version).
+    fn run_dma(&mut self, mem: &dyn GuestRam) {
+        let Some(job) = self.dma.take() else { return };
+        let ch = self.index;
+        let to_memory = self.bm_cmd & BM_CMD_TO_MEMORY != 0;
+        if to_memory == job.xfer.write {
+            warn_limited!(
+                format!("ide{ch}-bm-dir"),
+                "ide{ch}: bus-master direction bit disagrees with the command; following the command"
+            );
+        }
+        let mut engine = DmaEngine::new(job.xfer, self.bm_prd);
+        let d = &mut self.drives[job.unit];
+        let Some(Media::Disk(disk)) = &d.media else { return };
+        let result = engine.run(mem, disk);
+        disk.set_address(&mut d.tf, engine.next_lba(), job.xfer.ext);
+        match result {
+            Ok(()) => {
+                d.status = status::DRDY | status::DSC;
+            }
+            Err(DmaFailure::Device(e)) => d.fail(e),
+            Err(DmaFailure::Bus(f)) => {
+                warn_limited!(format!("ide{ch}-dma-fault"), "ide{ch}.{}: DMA failed: {f}", job.unit);
+                self.bm_status |= BM_ST_ERROR;
+                d.fail(AtaError::Abort);
+            }
+        }
+        self.bm_status &= !BM_ST_ACTIVE;
+        self.raise_irq();
+    }
+}
+
+/// The PIIX3 IDE function's device side: both channels and the bus-master block.
+pub struct IdeController {
+    mem: Arc<dyn GuestRam>,
+    channels: [Channel; 2],
+}
+
+impl std::fmt::Debug for IdeController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdeController").field("channels", &self.channels).finish()
+    }
+}
+
+impl IdeController {
+    /// `irq14`/`irq15` are the primary/secondary channel lines.
+    pub fn new(mem: Arc<dyn GuestRam>, irq14: IsaIrq, irq15: IsaIrq) -> Self {
+        let mut c = IdeController { mem, channels: [Channel::new(0, irq14), Channel::new(1, irq15)] };
+        c.reset();
+        c
+    }
+
+    /// Maps the four legacy regions (see the module table) on the port-I/O bus.
+    pub fn register_legacy(this: &Arc<Mutex<IdeController>>, pio: &Bus) -> Result<(), BusError> {
+        for (base, len, rules, id) in LEGACY_REGIONS {
+            pio.insert(base, len, rules, this.clone(), id)?;
+        }
+        Ok(())
+    }
+
+    fn slot(&self, channel: usize, drive: usize) -> Result<(), IdeError> {
+        if channel < 2 && drive < 2 {
+            Ok(())
+        } else {
+            Err(IdeError::BadSlot { channel, drive })
+        }
+    }
+
+    /// Attaches an image with default identification (serial derived from the slot).
+    pub fn attach(
+        &mut self,
+        channel: usize,
+        drive: usize,
+        backend: Box<dyn BlockBackend>,
+        kind: DriveKind,
+    ) -> Result<(), IdeError> {
+        let config = DiskConfig { serial: format!("HV{:05}", channel * 2 + drive + 1), ..Default::default() };
+        self.attach_with_config(channel, drive, Arc::from(backend), kind, config)
+    }
+
+    /// Attaches an image with explicit model/serial/firmware/write-cache settings.
+    pub fn attach_with_config(
+        &mut self,
+        channel: usize,
+        drive: usize,
+        backend: Arc<dyn BlockBackend>,
+        kind: DriveKind,
+        config: DiskConfig,
+    ) -> Result<(), IdeError> {
+        self.slot(channel, drive)?;
+        if kind != DriveKind::Disk {
+            return Err(IdeError::Unsupported(kind));
+        }
+        let d = &mut self.channels[channel].drives[drive];
+        if d.media.is_some() {
+            return Err(IdeError::Occupied { channel, drive });
+        }
+        d.media = Some(Media::Disk(AtaDisk::new(backend, config)));
+        d.post_signature();
+        Ok(())
+    }
+
+    /// Removes a drive (Xen PV unplug), flushing its image first. The slot then reads as absent.
+    pub fn detach(&mut self, channel: usize, drive: usize) -> Result<Arc<dyn BlockBackend>, IdeError> {
+        self.slot(channel, drive)?;
+        let ch = &mut self.channels[channel];
+        let Some(media) = ch.drives[drive].media.take() else {
+            return Err(IdeError::Empty { channel, drive });
+        };
+        if ch.dma.as_ref().is_some_and(|j| j.unit == drive) {
+            ch.dma = None;
+        }
+        let d = &mut ch.drives[drive];
+        d.pio = Pio::Idle;
+        d.post_signature();
+        let backend = media.backend().clone();
+        backend.flush().map_err(|e| {
+            log::error!("ide{channel}.{drive}: flush on detach failed: {e}");
+            IdeError::Flush { channel, drive }
+        })?;
+        Ok(backend)
+    }
+
+    /// Flushes every attached image (before save, shutdown or unplug).
+    pub fn flush_all(&self) -> Result<(), IdeError> {
+        for (c, ch) in self.channels.iter().enumerate() {
+            for (i, d) in ch.drives.iter().enumerate() {
+                if let Some(m) = &d.media {
+                    m.backend().flush().map_err(|e| {
+                        log::error!("ide{c}.{i}: flush failed: {e}");
+                        IdeError::Flush { channel: c, drive: i }
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn drive_kind(&self, channel: usize, drive: usize) -> Option<DriveKind> {
+        self.channels.get(channel)?.drives.get(drive)?.media.as_ref().map(Media::kind)
+    }
+
+    /// Power-on state: registers, bus master, interrupt lines low; drive settings to defaults.
+    pub fn reset(&mut self) {
+        for ch in &mut self.channels {
+            ch.reset();
+        }
+    }
+}
+
+impl BusDevice for IdeController {
+    fn read(&mut self, region: RegionId, offset: u64, data: &mut [u8]) -> IoResult {
+        match region {
+            REGION_PRIMARY_CMD | REGION_SECONDARY_CMD => {
+                self.channels[region / 2].read_cmd_block(offset, data);
+            }
+            REGION_PRIMARY_CTL | REGION_SECONDARY_CTL => {
+                let v = self.channels[region / 2].read_alt_status();
+                data.fill(v);
+            }
+            REGION_BUS_MASTER => {
+                for (i, b) in data.iter_mut().enumerate() {
+                    let off = offset + i as u64;
+                    *b = match self.channels.get((off / 8) as usize) {
+                        Some(ch) => ch.bm_read(off % 8),
+                        None => 0xff,
+                    };
+                }
+            }
+            _ => {
+                warn_limited!(format!("ide-region-{region}"), "ide: read of unknown region {region}");
+                data.fill(0xff);
+            }
+        }
+        IoResult::Done
+    }
+
+    fn write(&mut self, region: RegionId, offset: u64, data: &[u8]) -> IoResult {
+        let mem = &*self.mem;
+        match region {
+            REGION_PRIMARY_CMD | REGION_SECONDARY_CMD => {
+                self.channels[region / 2].write_cmd_block(mem, offset, data);
+            }
+            REGION_PRIMARY_CTL | REGION_SECONDARY_CTL => {
+                if let Some(v) = data.first() {
+                    self.channels[region / 2].write_ctl(*v);
+                }
+            }
+            REGION_BUS_MASTER => {
+                for (i, b) in data.iter().enumerate() {
+                    let off = offset + i as u64;
+                    if let Some(ch) = self.channels.get_mut((off / 8) as usize) {
+                        ch.bm_write(mem, off % 8, *b);
+                    }
+                }
+            }
+            _ => {
+                warn_limited!(format!("ide-region-w{region}"), "ide: write to unknown region {region}");
+            }
+        }
+        IoResult::Done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ata::cmd;
+    use super::super::image::testfile::TempFile;
+    use super::super::image::{BlockError, MemImage, RawFile};
+    use super::*;
+    use crate::irq::RecordingIrqSink;
+    use crate::mem::TestRam;
+
+    const BM: u64 = 0xc000;
+    const RAM: usize = 0x20_0000;
+
+    struct Rig {
+        bus: Bus,
+        ctrl: Arc<Mutex<IdeController>>,
+        irqs: Arc<RecordingIrqSink>,
+        mem: Arc<TestRam>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let irqs = Arc::new(RecordingIrqSink::default());
+            let mem = Arc::new(TestRam::new(RAM));
+            let ctrl = Arc::new(Mutex::new(IdeController::new(
+                mem.clone(),
+                IsaIrq::new(irqs.clone(), 14),
+                IsaIrq::new(irqs.clone(), 15),
+            )));
+            let bus = Bus::new("pio");
+            IdeController::register_legacy(&ctrl, &bus).unwrap();
+            bus.insert(BM, BUS_MASTER_LEN, BUS_MASTER_RULES, ctrl.clone(), REGION_BUS_MASTER).unwrap();
+            Rig { bus, ctrl, irqs, mem }
+        }
+        fn with_disk(img: impl BlockBackend + 'static) -> Self {
+            let r = Rig::new();
+            r.ctrl.lock().unwrap().attach(0, 0, Box::new(img), DriveKind::Disk).unwrap();
+            r
+        }
+        fn outb(&self, port: u64, v: u8) {
+            self.bus.write_sync(port, &[v]);
+        }
+        fn inb(&self, port: u64) -> u8 {
+            let mut d = [0u8; 1];
+            self.bus.read_sync(port, &mut d);
+            d[0]
+        }
+        fn inw(&self, port: u64) -> u16 {
+            let mut d = [0u8; 2];
+            self.bus.read_sync(port, &mut d);
+            u16::from_le_bytes(d)
+        }
+        fn outw(&self, port: u64, v: u16) {
+            self.bus.write_sync(port, &v.to_le_bytes());
+        }
+        fn inl(&self, port: u64) -> u32 {
+            let mut d = [0u8; 4];
+            self.bus.read_sync(port, &mut d);
+            u32::from_le_bytes(d)
+        }
+        fn outl(&self, port: u64, v: u32) {
+            self.bus.write_sync(port, &v.to_le_bytes());
+        }
+        /// Sets up an LBA28 command on the primary master and issues it.
+        fn lba28(&self, command: u8, lba: u32, count: u8) {
+            self.outb(0x1f6, 0xe0 | (lba >> 24) as u8 & 0xf);
+            self.outb(0x1f2, count);
+            self.outb(0x1f3, lba as u8);
+            self.outb(0x1f4, (lba >> 8) as u8);
+            self.outb(0x1f5, (lba >> 16) as u8);
+            self.outb(0x1f7, command);
+        }
+        fn lba48(&self, command: u8, lba: u64, count: u16) {
+            self.outb(0x1f6, 0xe0);
+            self.outb(0x1f2, (count >> 8) as u8);
+            self.outb(0x1f3, (lba >> 24) as u8);
+            self.outb(0x1f4, (lba >> 32) as u8);
+            self.outb(0x1f5, (lba >> 40) as u8);
+            self.outb(0x1f2, count as u8);
+            self.outb(0x1f3, lba as u8);
+            self.outb(0x1f4, (lba >> 8) as u8);
+            self.outb(0x1f5, (lba >> 16) as u8);
+            self.outb(0x1f7, command);
+        }
+        /// Reads `sectors` through the data register with 16-bit accesses.
+        fn pio_read16(&self, sectors: usize) -> Vec<u8> {
+            let mut v = Vec::new();
+            for _ in 0..sectors {
+                assert_eq!(self.inb(0x3f6) & status::DRQ, status::DRQ);
+                for _ in 0..256 {
+                    v.extend_from_slice(&self.inw(0x1f0).to_le_bytes());
+                }
+            }
+            v
+        }
+        fn irq14(&self) -> bool {
+            self.irqs.isa_level(14)
+        }
+        fn write_prd(&self, table: u64, entries: &[(u32, u16, bool)]) {
+            for (i, (addr, count, eot)) in entries.iter().enumerate() {
+                let flags: u64 = if *eot { 0x8000 } else { 0 };
+                let e = u64::from(*addr) | (u64::from(*count) << 32) | (flags << 48);
+                self.mem.write(table + 8 * i as u64, &e.to_le_bytes()).unwrap();
+            }
+        }
+    }
+
+    fn pattern(sectors: usize) -> Vec<u8> {
+        (0..sectors * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE * 7 + i * 13) as u8).collect()
+    }
+
+    #[test]
+    fn identify_through_ports_with_irq() {
+        let r = Rig::with_disk(MemImage::new(vec![0; 1 << 20], false));
+        assert_eq!(r.inb(0x1f7), 0x50);
+        r.outb(0x1f6, 0xa0);
+        r.outb(0x1f7, cmd::IDENTIFY_DEVICE);
+        assert!(r.irq14());
+        assert_eq!(r.inb(0x3f6), 0x58); // alt status does not clear the interrupt
+        assert!(r.irq14());
+        assert_eq!(r.inb(0x1f7), 0x58);
+        assert!(!r.irq14());
+        // Mix 16- and 32-bit data reads.
+        let mut id = Vec::new();
+        for i in 0..128 {
+            if i % 2 == 0 {
+                id.extend_from_slice(&r.inl(0x1f0).to_le_bytes());
+            } else {
+                id.extend_from_slice(&r.inw(0x1f0).to_le_bytes());
+                id.extend_from_slice(&r.inw(0x1f0).to_le_bytes());
+            }
+        }
+        assert_eq!(r.inb(0x1f7), 0x50);
+        assert!(!r.irq14());
+        assert_eq!(id.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+        assert_eq!(u16::from_le_bytes([id[120], id[121]]), 2048); // words 60-61: 1 MiB
+                                                                  // No DRQ: data reads are 0 and do not disturb anything.
+        assert_eq!(r.inw(0x1f0), 0);
+    }
+
+    #[test]
+    fn pio_lba28_write_then_read_roundtrip_to_file() {
+        let t = TempFile::with_contents(&vec![0u8; 64 * SECTOR_SIZE]);
+        let r = Rig::with_disk(RawFile::open(&t.0, false).unwrap());
+        let data = pattern(3);
+        r.lba28(cmd::WRITE_SECTORS, 5, 3);
+        assert_eq!(r.inb(0x3f6), 0x58);
+        assert!(!r.irq14(), "no interrupt before the first block of a PIO write");
+        for s in 0..3 {
+            for w in data[s * 512..(s + 1) * 512].chunks(4) {
+                r.outl(0x1f0, u32::from_le_bytes(w.try_into().unwrap()));
+            }
+            assert!(r.irq14(), "interrupt after block {s}");
+            let st = r.inb(0x1f7);
+            assert_eq!(st, if s < 2 { 0x58 } else { 0x50 });
+        }
+        // Registers point past the last sector.
+        assert_eq!(r.inb(0x1f3), 8);
+        r.lba28(cmd::FLUSH_CACHE, 0, 0);
+        assert_eq!(r.inb(0x1f7), 0x50);
+        let file = std::fs::read(&t.0).unwrap();
+        assert_eq!(&file[5 * 512..8 * 512], &data[..]);
+        // Read back, 16-bit.
+        r.lba28(cmd::READ_SECTORS, 5, 3);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            assert!(r.irq14());
+            assert_eq!(r.inb(0x1f7), 0x58);
+            got.extend(r.pio_read16(1));
+        }
+        assert_eq!(got, data);
+        assert!(!r.irq14(), "no interrupt after the last block of a PIO read");
+        assert_eq!(r.inb(0x1f7), 0x50);
+    }
+
+    #[test]
+    fn pio_lba48_on_sparse_8gib_file() {
+        let t = TempFile::with_contents(&[]);
+        let f = std::fs::OpenOptions::new().write(true).open(&t.0).unwrap();
+        f.set_len((1u64 << 33) + (1 << 20)).unwrap(); // 8 GiB + 1 MiB, sparse
+        drop(f);
+        let r = Rig::with_disk(RawFile::open(&t.0, false).unwrap());
+        let lba: u64 = (1 << 24) + 0x345; // beyond any 24-bit register
+        let data = pattern(2);
+        r.lba48(cmd::WRITE_SECTORS_EXT, lba, 2);
+        for w in data.chunks(2) {
+            r.outw(0x1f0, u16::from_le_bytes([w[0], w[1]]));
+        }
+        assert_eq!(r.inb(0x1f7), 0x50);
+        // HOB readback of the final address.
+        assert_eq!(r.inb(0x1f3), 0x47);
+        r.outb(0x3f6, CTL_HOB);
+        assert_eq!(r.inb(0x1f3), 0x01);
+        r.outb(0x3f6, 0);
+        r.lba48(cmd::READ_SECTORS_EXT, lba, 2);
+        assert_eq!(r.pio_read16(2), data);
+        let mut file = vec![0u8; 1024];
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&t.0).unwrap(), &mut file, lba * 512)
+            .unwrap();
+        assert_eq!(file, data);
+        // One sector past the end of the image: IDNF.
+        r.lba48(cmd::READ_SECTORS_EXT, (1 << 33) / 512 + 2048, 1);
+        assert_eq!(r.inb(0x1f7), 0x41);
+        assert_eq!(r.inb(0x1f1), error::IDNF);
+    }
+
+    #[test]
+    fn chs_read_and_multiple() {
+        let img = pattern(4096);
+        let r = Rig::with_disk(MemImage::new(img.clone(), false));
+        // C/H/S 1/2/3 with the default 16 heads x 63 sectors translation.
+        r.outb(0x1f6, 0xa2);
+        r.outb(0x1f2, 1);
+        r.outb(0x1f3, 3);
+        r.outb(0x1f4, 1);
+        r.outb(0x1f5, 0);
+        r.outb(0x1f7, cmd::READ_SECTORS);
+        let lba = (16 + 2) * 63 + 2;
+        assert_eq!(r.pio_read16(1), img[lba * 512..(lba + 1) * 512]);
+        // READ MULTIPLE with the default 16-sector block: 20 sectors = 2 interrupts.
+        r.inb(0x1f7);
+        r.lba28(cmd::READ_MULTIPLE, 100, 20);
+        let mut irqs = 0;
+        let mut got = Vec::new();
+        while r.inb(0x3f6) & status::DRQ != 0 {
+            irqs += usize::from(r.irq14());
+            r.inb(0x1f7);
+            for _ in 0..(if got.is_empty() { 16 * 256 } else { 4 * 256 }) {
+                got.extend_from_slice(&r.inw(0x1f0).to_le_bytes());
+            }
+        }
+        assert_eq!(irqs, 2);
+        assert_eq!(got, img[100 * 512..120 * 512]);
+    }
+
+    #[test]
+    fn dma_read_multi_entry_and_64k_entry() {
+        let img = pattern(256);
+        let r = Rig::with_disk(MemImage::new(img.clone(), false));
+        // 8 sectors over three uneven pieces.
+        r.write_prd(0x1000, &[(0x10000, 512, false), (0x20000, 1024, false), (0x30000, 2560, true)]);
+        r.outl(BM + 4, 0x1000);
+        r.outb(BM, BM_CMD_TO_MEMORY);
+        r.outb(BM + 2, BM_ST_INTERRUPT | BM_ST_ERROR | BM_ST_DRIVE_DMA);
+        assert_eq!(r.inb(BM + 2), BM_ST_DRIVE_DMA);
+        r.lba28(cmd::READ_DMA, 10, 8);
+        assert_eq!(r.inb(0x3f6) & status::DRQ, status::DRQ);
+        assert!(!r.irq14());
+        r.outb(BM, BM_CMD_TO_MEMORY | BM_CMD_START);
+        assert!(r.irq14());
+        assert_eq!(r.inb(BM + 2), BM_ST_DRIVE_DMA | BM_ST_INTERRUPT);
+        assert_eq!(r.inb(0x1f7), 0x50);
+        assert!(!r.irq14());
+        let mut m = vec![0u8; 4096];
+        r.mem.read(0x10000, &mut m[..512]).unwrap();
+        r.mem.read(0x20000, &mut m[512..1536]).unwrap();
+        r.mem.read(0x30000, &mut m[1536..]).unwrap();
+        assert_eq!(m, img[10 * 512..18 * 512]);
+        r.outb(BM, BM_CMD_TO_MEMORY);
+        r.outb(BM + 2, BM_ST_INTERRUPT | BM_ST_DRIVE_DMA);
+        assert_eq!(r.inb(BM + 2), BM_ST_DRIVE_DMA);
+        // Count 0 = 64 KiB: 128 sectors into one entry; engine started before the command.
+        r.write_prd(0x1000, &[(0x40000, 0, true)]);
+        r.outb(BM, BM_CMD_TO_MEMORY | BM_CMD_START);
+        assert_eq!(r.inb(BM + 2) & BM_ST_ACTIVE, BM_ST_ACTIVE);
+        r.lba48(cmd::READ_DMA_EXT, 100, 128);
+        assert_eq!(r.inb(BM + 2) & (BM_ST_ACTIVE | BM_ST_INTERRUPT), BM_ST_INTERRUPT);
+        let mut m = vec![0u8; 65536];
+        r.mem.read(0x40000, &mut m).unwrap();
+        assert_eq!(m, img[100 * 512..228 * 512]);
+        assert_eq!(r.inb(0x1f7), 0x50);
+    }
+
+    #[test]
+    fn dma_write_reaches_file_and_flush() {
+        let t = TempFile::with_contents(&vec![0u8; 128 * SECTOR_SIZE]);
+        let r = Rig::with_disk(RawFile::open(&t.0, false).unwrap());
+        let data = pattern(4);
+        r.mem.write(0x50000, &data[..1000]).unwrap();
+        r.mem.write(0x60000, &data[1000..]).unwrap();
+        r.write_prd(0x2000, &[(0x50000, 1000, false), (0x60000, 1048, true)]);
+        r.outl(BM + 12, 0x2000); // secondary PRD register must not be touched
+        r.outl(BM + 4, 0x2000);
+        assert_eq!(r.inl(BM + 12), 0x2000);
+        r.outb(BM, 0);
+        r.lba28(cmd::WRITE_DMA, 20, 4);
+        r.outb(BM, BM_CMD_START);
+        assert!(r.irq14());
+        assert_eq!(r.inb(0x1f7), 0x50);
+        r.lba28(cmd::FLUSH_CACHE_EXT, 0, 0);
+        assert_eq!(r.inb(0x1f7), 0x50);
+        let file = std::fs::read(&t.0).unwrap();
+        assert_eq!(&file[20 * 512..24 * 512], &data[..]);
+    }
+
+    #[test]
+    fn dma_bad_prd_tables_end_with_error_not_hang() {
+        let r = Rig::with_disk(MemImage::new(vec![0; 1 << 20], false));
+        let run = |table: u32, sectors: u8| {
+            r.outb(BM, 0);
+            r.outb(BM + 2, BM_ST_INTERRUPT | BM_ST_ERROR);
+            r.inb(0x1f7);
+            r.outl(BM + 4, table);
+            r.lba28(cmd::READ_DMA, 0, sectors);
+            r.outb(BM, BM_CMD_START | BM_CMD_TO_MEMORY);
+            let irq = r.irq14();
+            (r.inb(BM + 2), r.inb(0x1f7), r.inb(0x1f1), irq)
+        };
+        let failed = (BM_ST_ERROR | BM_ST_INTERRUPT, 0x41, error::ABRT, true);
+        // No end-of-table: 2-byte entries right below a 64 KiB boundary, 512 bytes needed.
+        let entries: Vec<_> = (0..8).map(|_| (0x8000u32, 2u16, false)).collect();
+        r.write_prd(0xffc0, &entries);
+        assert_eq!(run(0xffc0, 1), failed);
+        // Table outside RAM.
+        assert_eq!(run(0xfff0_0000, 1), failed);
+        // Buffer outside RAM.
+        r.write_prd(0x3000, &[(0xfff0_0000, 512, true)]);
+        assert_eq!(run(0x3000, 1), failed);
+        // Table shorter than the transfer.
+        r.write_prd(0x3000, &[(0x8000, 512, true)]);
+        assert_eq!(run(0x3000, 2), failed);
+        // An all-zero table (64 KiB entries at address 0, no EOT) is bounded too: it just works.
+        r.mem.write(0x4000, &[0; 64]).unwrap();
+        let ok = run(0x4000, 4);
+        assert_eq!((ok.0, ok.1), (BM_ST_INTERRUPT, 0x50));
+        // The channel still works afterwards.
+        r.write_prd(0x3000, &[(0x8000, 512, true)]);
+        assert_eq!(run(0x3000, 1), (BM_ST_INTERRUPT, 0x50, 0, true));
+    }
+
+    #[test]
+    fn nien_masks_irq_and_status_read_clears() {
+        let r = Rig::with_disk(MemImage::new(vec![0; 1 << 20], false));
+        r.outb(0x3f6, CTL_NIEN);
+        r.lba28(cmd::READ_VERIFY, 0, 1);
+        assert!(!r.irq14());
+        assert_eq!(r.inb(BM + 2) & BM_ST_INTERRUPT, 0);
+        // Unmasking with an interrupt pending asserts the line.
+        r.outb(0x3f6, 0);
+        assert!(r.irq14());
+        r.inb(0x1f7);
+        assert!(!r.irq14());
+        r.outb(0x3f6, CTL_NIEN);
+        r.outb(0x3f6, 0);
+        assert!(!r.irq14());
+        // Secondary channel line untouched.
+        assert!(!r.irqs.isa_level(15));
+    }
+
+    #[test]
+    fn soft_reset_posts_signature() {
+        let r = Rig::with_disk(MemImage::new(vec![0; 1 << 20], false));
+        r.lba28(0xff, 0x123456, 9); // unknown command: ABRT
+        assert_eq!(r.inb(0x1f7), 0x41);
+        assert_eq!(r.inb(0x1f1), error::ABRT);
+        r.outb(0x3f6, CTL_SRST | CTL_NIEN);
+        assert_eq!(r.inb(0x3f6), status::BSY);
+        r.outb(0x1f7, cmd::IDENTIFY_DEVICE); // ignored while busy
+        r.outb(0x3f6, CTL_NIEN);
+        assert_eq!(r.inb(0x3f6), 0x50);
+        assert!(!r.irq14());
+        let regs: Vec<u8> = (1..=6).map(|i| r.inb(0x1f0 + i)).collect();
+        assert_eq!(regs, vec![0x01, 0x01, 0x01, 0x00, 0x00, 0xa0]);
+        assert_eq!(r.inb(0x1f7), 0x50);
+    }
+
+    /// libata's probe sequence against master-only and empty channels.
+    #[test]
+    fn absent_slave_and_empty_channel() {
+        let r = Rig::with_disk(MemImage::new(vec![0; 1 << 20], false));
+        let devchk = |base: u64, dev: u8| {
+            r.outb(base + 6, dev);
+            r.outb(base + 2, 0x55);
+            r.outb(base + 3, 0xaa);
+            (r.inb(base + 2), r.inb(base + 3))
+        };
+        // Master answers; the slave's registers latch (shared task file) but its status is 0.
+        assert_eq!(devchk(0x1f0, 0xa0), (0x55, 0xaa));
+        assert_eq!(devchk(0x1f0, 0xb0), (0x55, 0xaa));
+        assert_eq!(r.inb(0x1f7), 0);
+        assert_eq!(r.inb(0x3f6), 0);
+        assert_eq!(r.inb(0x1f6), 0xb0); // SeaBIOS re-reads the device register
+        r.outb(0x1f7, cmd::IDENTIFY_DEVICE);
+        assert!(!r.irq14());
+        assert_eq!(r.inb(0x1f7), 0);
+        // SRST, then classify the slave: error 01, ATA signature, status 0 -> "no device".
+        r.outb(0x3f6, CTL_SRST);
+        r.outb(0x3f6, 0);
+        r.outb(0x1f6, 0xb0);
+        assert_eq!((r.inb(0x1f1), r.inb(0x1f2), r.inb(0x1f3)), (1, 1, 1));
+        assert_eq!((r.inb(0x1f4), r.inb(0x1f5), r.inb(0x1f7)), (0, 0, 0));
+        r.outb(0x1f6, 0xa0);
+        assert_eq!(r.inb(0x1f7), 0x50);
+        // Empty secondary channel: everything reads 0 and nothing happens.
+        assert_eq!(devchk(0x170, 0xa0), (0, 0));
+        r.outb(0x177, cmd::IDENTIFY_DEVICE);
+        assert_eq!((r.inb(0x177), r.inb(0x376), r.inw(0x170)), (0, 0, 0));
+        assert!(!r.irqs.isa_level(15));
+    }
+
+    #[test]
+    fn read_only_image_and_out_of_range() {
+        let r = Rig::with_disk(MemImage::new(vec![0; 64 * 512], true));
+        r.lba28(cmd::WRITE_SECTORS, 0, 1);
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::ABRT));
+        r.outl(BM + 4, 0x1000);
+        r.lba28(cmd::WRITE_DMA, 0, 1);
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::ABRT));
+        r.lba28(cmd::READ_SECTORS, 63, 2);
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::IDNF));
+        r.lba28(cmd::READ_SECTORS, 63, 1);
+        assert_eq!(r.pio_read16(1), vec![0; 512]);
+        // A command after an error works.
+        r.lba28(cmd::CHECK_POWER_MODE, 0, 0);
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f2)), (0x50, 0xff));
+    }
+
+    struct Broken;
+    impl BlockBackend for Broken {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            Err(BlockError::Io { offset, len: buf.len(), source: std::io::Error::other("EIO") })
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+            Err(BlockError::Io { offset, len: buf.len(), source: std::io::Error::other("EIO") })
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            Err(BlockError::Io { offset: 0, len: 0, source: std::io::Error::other("EIO") })
+        }
+        fn len(&self) -> u64 {
+            1 << 20
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn host_io_errors_abort() {
+        let r = Rig::with_disk(Broken);
+        r.lba28(cmd::READ_SECTORS, 0, 1);
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::ABRT));
+        r.lba28(cmd::WRITE_SECTORS, 0, 1);
+        for _ in 0..256 {
+            r.outw(0x1f0, 0xabcd);
+        }
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::ABRT));
+        r.lba28(cmd::FLUSH_CACHE, 0, 0);
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::ABRT));
+        r.write_prd(0x1000, &[(0x8000, 512, true)]);
+        r.outl(BM + 4, 0x1000);
+        r.lba28(cmd::READ_DMA, 0, 1);
+        r.outb(BM, BM_CMD_START | BM_CMD_TO_MEMORY);
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::ABRT));
+        assert_eq!(r.inb(BM + 2) & BM_ST_ERROR, 0, "a device error is not a bus error");
+        assert!(r.ctrl.lock().unwrap().flush_all().is_err());
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let r = Rig::with_disk(MemImage::new(vec![0; 1 << 20], false));
+        assert_eq!(r.inb(0x1f0), 0xff);
+        r.outb(0x1f0, 1);
+        assert_eq!(r.inl(0x1f4), 0x50a0_0000); // bytes 4..7: lba mid/high, device, status
+        let mut d = [0u8; 2];
+        r.bus.read_sync(0x1f1, &mut d); // unaligned: rejected by the bus
+        assert_eq!(d, [0xff, 0xff]);
+        assert_eq!(r.inb(BM + 1), 0);
+        r.outb(BM + 3, 0xff);
+        r.outl(BM + 4, 0x1234_5677);
+        assert_eq!(r.inl(BM + 4), 0x1234_5674);
+        // Data writes with no transfer, stop without start, BM start with nothing queued.
+        r.outw(0x1f0, 0x1234);
+        r.outb(BM, 0);
+        r.outb(BM, BM_CMD_START);
+        assert_eq!(r.inb(BM + 2) & BM_ST_ACTIVE, BM_ST_ACTIVE);
+        r.outb(BM, 0);
+        assert_eq!(r.inb(BM + 2) & BM_ST_ACTIVE, 0);
+        let mut c = r.ctrl.lock().unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(c.read(9, 0, &mut b), IoResult::Done));
+        assert_eq!(b, [0xff]);
+        assert!(matches!(c.write(9, 0, &b), IoResult::Done));
+    }
+
+    #[test]
+    fn attach_detach_reset() {
+        let r = Rig::new();
+        let mut c = r.ctrl.lock().unwrap();
+        let img = Arc::new(MemImage::new(vec![0; 1 << 20], false));
+        assert!(matches!(
+            c.attach(2, 0, Box::new(MemImage::new(vec![], false)), DriveKind::Disk),
+            Err(IdeError::BadSlot { .. })
+        ));
+        assert!(matches!(
+            c.attach(1, 0, Box::new(MemImage::new(vec![], false)), DriveKind::Cdrom),
+            Err(IdeError::Unsupported(DriveKind::Cdrom))
+        ));
+        c.attach_with_config(1, 1, img.clone(), DriveKind::Disk, DiskConfig::default()).unwrap();
+        assert!(matches!(
+            c.attach(1, 1, Box::new(MemImage::new(vec![], false)), DriveKind::Disk),
+            Err(IdeError::Occupied { .. })
+        ));
+        assert_eq!(c.drive_kind(1, 1), Some(DriveKind::Disk));
+        drop(c);
+        // Slave-only channel: the slave answers, the master reads 0.
+        r.outb(0x176, 0xb0);
+        assert_eq!(r.inb(0x177), 0x50);
+        r.outb(0x176, 0xa0);
+        assert_eq!(r.inb(0x177), 0);
+        // Leave state behind, then reset.
+        r.outb(0x176, 0xb0);
+        r.outb(0x376, CTL_NIEN | CTL_HOB);
+        r.outb(0x177, cmd::IDENTIFY_DEVICE);
+        r.outb(BM + 8, BM_CMD_START);
+        r.ctrl.lock().unwrap().reset();
+        assert_eq!(r.inb(BM + 10), 0);
+        assert_eq!(r.inb(BM + 8), 0);
+        r.outb(0x176, 0xb0);
+        assert_eq!(r.inb(0x177), 0x50);
+        assert_eq!(r.inb(0x172), 1);
+        let mut c = r.ctrl.lock().unwrap();
+        c.detach(1, 1).unwrap();
+        assert_eq!(img.flush_count(), 1);
+        assert!(matches!(c.detach(1, 1), Err(IdeError::Empty { .. })));
+        drop(c);
+        assert_eq!(r.inb(0x177), 0);
+    }
+}
