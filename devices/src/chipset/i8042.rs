@@ -1,0 +1,782 @@
+//! i8042 keyboard controller at 0x60 (data) / 0x64 (status/command), with a PS/2 keyboard and a
+//! PS/2 mouse behind it that answer commands but never produce input events.
+//!
+//! Enough for Linux's `i8042` probe (self test, CTR read/write, AUX loopback and AUX IRQ test,
+//! `atkbd`/`psmouse` probing) and SeaBIOS's keyboard init. The mouse is *present* (ID 0x00,
+//! a generic PS/2 mouse, like QEMU's without the IntelliMouse knock): Linux's `psmouse` then
+//! probes cleanly and registers "PS/2 Generic Mouse"; a missing mouse would cost timeouts.
+//!
+//! Interrupts: IRQ 1 is high while the output buffer holds a keyboard-side byte and CTR bit 0 is
+//! set; IRQ 12 likewise for an AUX byte and CTR bit 1. Lowering and re-raising between bytes
+//! gives edge-triggered PICs one edge per byte.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::bus::{AccessRules, IoResult, RegionId};
+use crate::irq::IsaIrq;
+use crate::platform::{PlatformControl, SystemEvent};
+use crate::warn_limited;
+
+// Status register.
+const STS_OBF: u8 = 0x01;
+const STS_SYS: u8 = 0x04;
+/// A2: the last write was to the command port.
+const STS_CMD: u8 = 0x08;
+/// Keyboard not inhibited (keylock switch "unlocked").
+const STS_UNLOCKED: u8 = 0x10;
+const STS_AUXB: u8 = 0x20;
+
+// Controller configuration byte (CTR, "command byte").
+const CTR_KBDINT: u8 = 0x01;
+const CTR_AUXINT: u8 = 0x02;
+const CTR_SYS: u8 = 0x04;
+const CTR_KBDDIS: u8 = 0x10;
+const CTR_AUXDIS: u8 = 0x20;
+const CTR_XLATE: u8 = 0x40;
+
+// Output port: bit 0 = CPU reset line (active low), bit 1 = A20 gate.
+const OUT_RESET: u8 = 0x01;
+const OUT_A20: u8 = 0x02;
+/// Power-on output port: reset line inactive, A20 on, remaining bits as QEMU (`KBD_OUT_ONES`).
+const OUT_POWER_ON: u8 = 0xcf;
+
+const ACK: u8 = 0xfa;
+const RESEND: u8 = 0xfe;
+const BAT_OK: u8 = 0xaa;
+/// Queue depth of each PS/2 device (QEMU uses 16 for the keyboard's reply queue).
+const DEV_QUEUE: usize = 16;
+
+/// A byte waiting for the output buffer, tagged with its source port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OutByte {
+    val: u8,
+    aux: bool,
+}
+
+/// What the next byte written to port 0x60 means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataTarget {
+    Keyboard,
+    /// Controller RAM byte (0x60..0x7f command: byte 0 is the CTR).
+    WriteRam(u8),
+    WriteOutPort,
+    KbdOutBuf,
+    AuxOutBuf,
+    AuxDevice,
+}
+
+/// Keyboard commands that take a parameter byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KbdParam {
+    None,
+    Leds,
+    Typematic,
+    ScanSet,
+}
+
+#[derive(Debug)]
+struct Keyboard {
+    q: VecDeque<u8>,
+    param: KbdParam,
+    scanning: bool,
+    scan_set: u8,
+}
+
+impl Keyboard {
+    fn new() -> Self {
+        Keyboard { q: VecDeque::new(), param: KbdParam::None, scanning: true, scan_set: 2 }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.q.len() < DEV_QUEUE {
+                self.q.push_back(b);
+            }
+        }
+    }
+
+    fn write(&mut self, v: u8, translate: bool) {
+        match std::mem::replace(&mut self.param, KbdParam::None) {
+            KbdParam::Leds | KbdParam::Typematic => return self.push(&[ACK]),
+            KbdParam::ScanSet => {
+                match v {
+                    0 => {
+                        // Report the current set; translated controllers show set-1 style IDs.
+                        let id = match (translate, self.scan_set) {
+                            (true, 1) => 0x43,
+                            (true, 3) => 0x3f,
+                            (true, _) => 0x41,
+                            (false, s) => s,
+                        };
+                        self.push(&[ACK, id]);
+                    }
+                    1..=3 => {
+                        self.scan_set = v;
+                        self.push(&[ACK]);
+                    }
+                    _ => self.push(&[RESEND]),
+                }
+                return;
+            }
+            KbdParam::None => {}
+        }
+        match v {
+            0xed => {
+                self.param = KbdParam::Leds;
+                self.push(&[ACK]);
+            }
+            0xee => self.push(&[0xee]), // echo
+            0xf0 => {
+                self.param = KbdParam::ScanSet;
+                self.push(&[ACK]);
+            }
+            // Identify: MF2 keyboard; 0x41 is what the translating controller makes of 0x83.
+            0xf2 => self.push(&[ACK, 0xab, if translate { 0x41 } else { 0x83 }]),
+            0xf3 => {
+                self.param = KbdParam::Typematic;
+                self.push(&[ACK]);
+            }
+            0xf4 => {
+                self.scanning = true;
+                self.push(&[ACK]);
+            }
+            0xf5 => {
+                self.scanning = false;
+                self.push(&[ACK]);
+            }
+            0xf6 => {
+                self.scanning = true;
+                self.push(&[ACK]);
+            }
+            0xf7..=0xfd => self.push(&[ACK]),
+            0xfe => self.push(&[ACK]), // resend: nothing was sent that could be corrupt
+            0xff => {
+                *self = Keyboard::new();
+                self.push(&[ACK, BAT_OK]);
+            }
+            _ => {
+                warn_limited!(format!("i8042-kbd-cmd-{v:x}"), "i8042: unknown keyboard command {v:#x}");
+                self.push(&[RESEND]);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Mouse {
+    q: VecDeque<u8>,
+    /// The pending command that takes a parameter (0xe8 resolution, 0xf3 sample rate).
+    param: Option<u8>,
+    enabled: bool,
+    remote: bool,
+    wrap: bool,
+    scaling21: bool,
+    resolution: u8,
+    rate: u8,
+}
+
+impl Mouse {
+    fn new() -> Self {
+        Mouse {
+            q: VecDeque::new(),
+            param: None,
+            enabled: false,
+            remote: false,
+            wrap: false,
+            scaling21: false,
+            resolution: 2,
+            rate: 100,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.q.len() < DEV_QUEUE {
+                self.q.push_back(b);
+            }
+        }
+    }
+
+    fn write(&mut self, v: u8) {
+        if let Some(cmd) = self.param.take() {
+            match cmd {
+                0xe8 => self.resolution = v & 3,
+                _ => self.rate = v,
+            }
+            return self.push(&[ACK]);
+        }
+        // Wrap mode echoes everything except "reset wrap" and "reset".
+        if self.wrap && v != 0xec && v != 0xff {
+            return self.push(&[v]);
+        }
+        match v {
+            0xe6 => {
+                self.scaling21 = false;
+                self.push(&[ACK]);
+            }
+            0xe7 => {
+                self.scaling21 = true;
+                self.push(&[ACK]);
+            }
+            0xe8 | 0xf3 => {
+                self.param = Some(v);
+                self.push(&[ACK]);
+            }
+            0xe9 => {
+                let status =
+                    u8::from(self.remote) << 6 | u8::from(self.enabled) << 5 | u8::from(self.scaling21) << 4;
+                self.push(&[ACK, status, self.resolution, self.rate]);
+            }
+            0xea => {
+                self.remote = false;
+                self.push(&[ACK]);
+            }
+            // Read data: one empty movement packet (bit 3 is always set in byte 0).
+            0xeb => self.push(&[ACK, 0x08, 0, 0]),
+            0xec => {
+                self.wrap = false;
+                self.push(&[ACK]);
+            }
+            0xee => {
+                self.wrap = true;
+                self.push(&[ACK]);
+            }
+            0xf0 => {
+                self.remote = true;
+                self.push(&[ACK]);
+            }
+            0xf2 => self.push(&[ACK, 0x00]),
+            0xf4 => {
+                self.enabled = true;
+                self.push(&[ACK]);
+            }
+            0xf5 => {
+                self.enabled = false;
+                self.push(&[ACK]);
+            }
+            0xf6 => {
+                let q = std::mem::take(&mut self.q);
+                *self = Mouse::new();
+                self.q = q;
+                self.push(&[ACK]);
+            }
+            0xff => {
+                *self = Mouse::new();
+                self.push(&[ACK, BAT_OK, 0x00]);
+            }
+            _ => {
+                warn_limited!(format!("i8042-aux-cmd-{v:x}"), "i8042: unknown mouse command {v:#x}");
+                self.push(&[RESEND]);
+            }
+        }
+    }
+}
+
+/// The i8042 controller with its keyboard and mouse. One region (see [`I8042::REGION`]).
+pub struct I8042 {
+    /// Controller RAM; byte 0 is the CTR.
+    ram: [u8; 32],
+    status: u8,
+    outport: u8,
+    out: Option<OutByte>,
+    /// Last byte read from the data port (what an empty buffer reads as).
+    last_out: u8,
+    /// Controller-generated bytes (command replies, 0xd2/0xd3 writes), served first.
+    ctrl_q: VecDeque<OutByte>,
+    target: DataTarget,
+    kbd: Keyboard,
+    mouse: Mouse,
+    kbd_irq: IsaIrq,
+    aux_irq: IsaIrq,
+    kbd_level: bool,
+    aux_level: bool,
+    platform: Arc<dyn PlatformControl>,
+}
+
+impl std::fmt::Debug for I8042 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("I8042").field("ctr", &self.ram[0]).field("status", &self.status).finish()
+    }
+}
+
+impl I8042 {
+    /// Two 1-byte regions: [`I8042::REGION_DATA`] at [`I8042::DATA_PORT`] (0x60) and
+    /// [`I8042::REGION_CMD`] at [`I8042::CMD_PORT`] (0x64), both with [`I8042::RULES`].
+    /// (0x61..0x63 are not ours: 0x61 is the PIT/speaker port.)
+    pub const REGION_DATA: RegionId = 0;
+    pub const REGION_CMD: RegionId = 1;
+    pub const DATA_PORT: u64 = 0x60;
+    pub const CMD_PORT: u64 = 0x64;
+    pub const LEN: u64 = 1;
+    /// Byte registers; wider accesses are split into bytes (QEMU: impl 1, valid 1..4).
+    pub const RULES: AccessRules = AccessRules::BYTES;
+    pub const KBD_IRQ: u8 = 1;
+    pub const AUX_IRQ: u8 = 12;
+
+    /// `kbd_irq` is ISA IRQ 1, `aux_irq` ISA IRQ 12; `platform` receives reset requests
+    /// (0xfe pulse, output port bit 0 cleared).
+    pub fn new(kbd_irq: IsaIrq, aux_irq: IsaIrq, platform: Arc<dyn PlatformControl>) -> Self {
+        let mut d = I8042 {
+            ram: [0; 32],
+            status: 0,
+            outport: OUT_POWER_ON,
+            out: None,
+            last_out: 0,
+            ctrl_q: VecDeque::new(),
+            target: DataTarget::Keyboard,
+            kbd: Keyboard::new(),
+            mouse: Mouse::new(),
+            kbd_irq,
+            aux_irq,
+            kbd_level: false,
+            aux_level: false,
+            platform,
+        };
+        d.reset();
+        d
+    }
+
+    /// Power-on state: CTR 0x03 (both interrupts on, as QEMU), buffers empty, A20 on.
+    pub fn reset(&mut self) {
+        self.ram = [0; 32];
+        self.ram[0] = CTR_KBDINT | CTR_AUXINT;
+        self.status = STS_CMD | STS_UNLOCKED;
+        self.outport = OUT_POWER_ON;
+        self.out = None;
+        self.last_out = 0;
+        self.ctrl_q.clear();
+        self.target = DataTarget::Keyboard;
+        self.kbd = Keyboard::new();
+        self.mouse = Mouse::new();
+        self.update_irq();
+    }
+
+    /// Queues scancodes from the keyboard (for a future input source, e.g. QMP `send-key`).
+    /// Dropped while the keyboard has scanning disabled (0xf5) or its queue is full.
+    pub fn inject_keyboard(&mut self, scancodes: &[u8]) {
+        if self.kbd.scanning {
+            self.kbd.push(scancodes);
+            self.refill();
+        }
+    }
+
+    /// Whether the output port's A20 gate is on.
+    pub fn a20(&self) -> bool {
+        self.outport & OUT_A20 != 0
+    }
+
+    fn ctr(&self) -> u8 {
+        self.ram[0]
+    }
+
+    fn set_ctr(&mut self, v: u8) {
+        self.ram[0] = v;
+        // The status SYS flag mirrors the CTR's (QEMU `KBD_CCMD_WRITE_MODE`).
+        self.status = (self.status & !STS_SYS) | (v & CTR_SYS);
+    }
+
+    fn push_ctrl(&mut self, val: u8, aux: bool) {
+        if self.ctrl_q.len() < DEV_QUEUE {
+            self.ctrl_q.push_back(OutByte { val, aux });
+        }
+    }
+
+    /// Moves the next pending byte into the empty output buffer and updates the IRQ lines.
+    fn refill(&mut self) {
+        if self.out.is_none() {
+            self.out = if let Some(b) = self.ctrl_q.pop_front() {
+                Some(b)
+            } else if self.ctr() & CTR_KBDDIS == 0 && !self.kbd.q.is_empty() {
+                self.kbd.q.pop_front().map(|val| OutByte { val, aux: false })
+            } else if self.ctr() & CTR_AUXDIS == 0 && !self.mouse.q.is_empty() {
+                self.mouse.q.pop_front().map(|val| OutByte { val, aux: true })
+            } else {
+                None
+            };
+        }
+        self.update_irq();
+    }
+
+    fn update_irq(&mut self) {
+        let (kbd, aux) = match self.out {
+            Some(b) if b.aux => (false, self.ctr() & CTR_AUXINT != 0),
+            Some(_) => (self.ctr() & CTR_KBDINT != 0, false),
+            None => (false, false),
+        };
+        if kbd != self.kbd_level {
+            self.kbd_level = kbd;
+            self.kbd_irq.set_level(kbd);
+        }
+        if aux != self.aux_level {
+            self.aux_level = aux;
+            self.aux_irq.set_level(aux);
+        }
+    }
+
+    fn status(&self) -> u8 {
+        let mut s = self.status & !(STS_OBF | STS_AUXB);
+        if let Some(b) = self.out {
+            s |= STS_OBF;
+            if b.aux {
+                s |= STS_AUXB;
+            }
+        }
+        s
+    }
+
+    fn read_data(&mut self) -> u8 {
+        if let Some(b) = self.out.take() {
+            self.last_out = b.val;
+            // Lower the line for the byte just consumed before raising it for the next one.
+            self.update_irq();
+            self.refill();
+        }
+        self.last_out
+    }
+
+    fn write_outport(&mut self, v: u8) {
+        self.outport = v;
+        if v & OUT_RESET == 0 {
+            log::info!("i8042: output port reset line asserted; requesting system reset");
+            self.platform.request(SystemEvent::Reset);
+        }
+    }
+
+    fn command(&mut self, cmd: u8) {
+        self.target = DataTarget::Keyboard;
+        match cmd {
+            0x20..=0x3f => {
+                let v = self.ram[usize::from(cmd & 0x1f)];
+                self.push_ctrl(v, false);
+            }
+            0x60..=0x7f => self.target = DataTarget::WriteRam(cmd & 0x1f),
+            0xa7 => self.set_ctr(self.ctr() | CTR_AUXDIS),
+            0xa8 => self.set_ctr(self.ctr() & !CTR_AUXDIS),
+            0xa9 | 0xab => self.push_ctrl(0x00, false), // interface tests pass
+            0xaa => {
+                self.status |= STS_SYS;
+                self.push_ctrl(0x55, false);
+            }
+            0xad => self.set_ctr(self.ctr() | CTR_KBDDIS),
+            0xae => self.set_ctr(self.ctr() & !CTR_KBDDIS),
+            0xc0 => self.push_ctrl(0x80, false), // input port: keyboard not inhibited
+            0xd0 => {
+                // Bits 4/5 report the output buffer state.
+                let mut v = self.outport & !0x30;
+                if let Some(b) = self.out {
+                    v |= if b.aux { 0x20 } else { 0x10 };
+                }
+                self.push_ctrl(v, false);
+            }
+            0xd1 => self.target = DataTarget::WriteOutPort,
+            0xd2 => self.target = DataTarget::KbdOutBuf,
+            0xd3 => self.target = DataTarget::AuxOutBuf,
+            0xd4 => self.target = DataTarget::AuxDevice,
+            0xdd => self.outport &= !OUT_A20,
+            0xdf => self.outport |= OUT_A20,
+            0xe0 => self.push_ctrl(0x00, false),
+            0xf0..=0xff => {
+                // Pulse output lines whose mask bit is 0; bit 0 is the CPU reset line.
+                if cmd & 0x01 == 0 {
+                    log::info!("i8042: reset pulse command {cmd:#x}; requesting system reset");
+                    self.platform.request(SystemEvent::Reset);
+                }
+            }
+            _ => {
+                warn_limited!(format!("i8042-cmd-{cmd:x}"), "i8042: unsupported controller command {cmd:#x}");
+            }
+        }
+        self.refill();
+    }
+
+    fn write_data(&mut self, v: u8) {
+        match std::mem::replace(&mut self.target, DataTarget::Keyboard) {
+            DataTarget::Keyboard => {
+                // Talking to the keyboard re-enables its interface (as real controllers and QEMU).
+                self.set_ctr(self.ctr() & !CTR_KBDDIS);
+                let xlate = self.ctr() & CTR_XLATE != 0;
+                self.kbd.write(v, xlate);
+            }
+            DataTarget::WriteRam(0) => self.set_ctr(v),
+            DataTarget::WriteRam(i) => self.ram[usize::from(i)] = v,
+            DataTarget::WriteOutPort => self.write_outport(v),
+            DataTarget::KbdOutBuf => self.push_ctrl(v, false),
+            DataTarget::AuxOutBuf => self.push_ctrl(v, true),
+            DataTarget::AuxDevice => {
+                self.set_ctr(self.ctr() & !CTR_AUXDIS);
+                self.mouse.write(v);
+            }
+        }
+        self.refill();
+    }
+}
+
+impl crate::bus::BusDevice for I8042 {
+    fn read(&mut self, region: RegionId, offset: u64, data: &mut [u8]) -> IoResult {
+        let v = match (region, offset) {
+            (Self::REGION_DATA, 0) => self.read_data(),
+            (Self::REGION_CMD, 0) => self.status(),
+            _ => 0xff,
+        };
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+        IoResult::Done
+    }
+
+    fn write(&mut self, region: RegionId, offset: u64, data: &[u8]) -> IoResult {
+        let Some(&v) = data.first() else { return IoResult::Done };
+        match (region, offset) {
+            (Self::REGION_DATA, 0) => {
+                self.status &= !STS_CMD;
+                self.write_data(v);
+            }
+            (Self::REGION_CMD, 0) => {
+                self.status |= STS_CMD;
+                self.command(v);
+            }
+            _ => {}
+        }
+        IoResult::Done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{Bus, BusDevice};
+    use crate::irq::{IrqEvent, RecordingIrqSink};
+    use crate::platform::RecordingPlatform;
+    use std::sync::Mutex;
+
+    struct Rig {
+        dev: I8042,
+        sink: Arc<RecordingIrqSink>,
+        plat: Arc<RecordingPlatform>,
+    }
+
+    fn rig() -> Rig {
+        let sink = Arc::new(RecordingIrqSink::default());
+        let plat = Arc::new(RecordingPlatform::default());
+        let dev = I8042::new(IsaIrq::new(sink.clone(), 1), IsaIrq::new(sink.clone(), 12), plat.clone());
+        sink.take();
+        Rig { dev, sink, plat }
+    }
+
+    impl Rig {
+        fn cmd(&mut self, v: u8) {
+            self.dev.write(I8042::REGION_CMD, 0, &[v]);
+        }
+        fn put(&mut self, v: u8) {
+            self.dev.write(I8042::REGION_DATA, 0, &[v]);
+        }
+        fn status(&mut self) -> u8 {
+            let mut d = [0];
+            self.dev.read(I8042::REGION_CMD, 0, &mut d);
+            d[0]
+        }
+        fn get(&mut self) -> u8 {
+            let mut d = [0];
+            self.dev.read(I8042::REGION_DATA, 0, &mut d);
+            d[0]
+        }
+        /// Linux's i8042_flush: read while OBF, return what came out.
+        fn drain(&mut self) -> Vec<u8> {
+            let mut v = vec![];
+            while self.status() & STS_OBF != 0 && v.len() < 64 {
+                v.push(self.get());
+            }
+            v
+        }
+    }
+
+    #[test]
+    fn self_test_and_interface_tests() {
+        let mut r = rig();
+        assert_eq!(r.status() & (STS_OBF | STS_SYS), 0);
+        assert_eq!(r.status() & STS_UNLOCKED, STS_UNLOCKED);
+        r.cmd(0xaa);
+        assert_eq!(r.status() & (STS_OBF | STS_SYS | STS_CMD), STS_OBF | STS_SYS | STS_CMD);
+        assert_eq!(r.get(), 0x55);
+        assert_eq!(r.status() & STS_OBF, 0);
+        r.cmd(0xab);
+        assert_eq!(r.drain(), vec![0x00]);
+        r.cmd(0xa9);
+        assert_eq!(r.drain(), vec![0x00]);
+        // Empty buffer reads the last byte again, not garbage.
+        assert_eq!(r.get(), 0x00);
+    }
+
+    #[test]
+    fn reset_paths() {
+        let mut r = rig();
+        r.cmd(0xfe);
+        assert_eq!(*r.plat.events.lock().unwrap(), vec![SystemEvent::Reset]);
+        r.cmd(0xff); // no line pulsed
+        r.cmd(0xd1);
+        r.put(0x03); // reset line high (inactive), A20 on
+        assert!(r.dev.a20());
+        r.cmd(0xd1);
+        r.put(0x01); // A20 off
+        assert!(!r.dev.a20());
+        assert_eq!(r.plat.events.lock().unwrap().len(), 1);
+        r.cmd(0xd1);
+        r.put(0x02); // bit 0 low: reset
+        assert_eq!(r.plat.events.lock().unwrap().len(), 2);
+        r.cmd(0xdf);
+        assert!(r.dev.a20());
+        r.cmd(0xd0);
+        assert_eq!(r.get() & 0x03, 0x02);
+    }
+
+    #[test]
+    fn linux_probe_sequence() {
+        let mut r = rig();
+        // i8042_controller_check: flush.
+        assert!(r.drain().is_empty());
+        // i8042_controller_selftest.
+        r.cmd(0xaa);
+        assert_eq!(r.drain(), vec![0x55]);
+        // i8042_controller_init: read CTR twice until stable, disable kbd, write back.
+        r.cmd(0x20);
+        let ctr = r.get();
+        r.cmd(0x20);
+        assert_eq!(r.get(), ctr);
+        let ctr = (ctr | CTR_KBDDIS) & !CTR_KBDINT;
+        r.cmd(0x60);
+        r.put(ctr);
+        r.cmd(0x20);
+        assert_eq!(r.get(), ctr);
+        // i8042_check_aux: loopback test, must come back as AUX data.
+        r.cmd(0xd3);
+        r.put(0x5a);
+        assert_eq!(r.status() & (STS_OBF | STS_AUXB), STS_OBF | STS_AUXB);
+        assert_eq!(r.get(), 0x5a);
+        // Bit assignment test: 0xa7 sets AUXDIS, 0xa8 clears it.
+        r.cmd(0xa7);
+        r.cmd(0x20);
+        assert_ne!(r.get() & CTR_AUXDIS, 0);
+        r.cmd(0xa8);
+        r.cmd(0x20);
+        assert_eq!(r.get() & CTR_AUXDIS, 0);
+        // AUX IRQ test: enable AUX interrupt, loop 0xa5, IRQ 12 must fire.
+        r.cmd(0x60);
+        r.put((ctr & !CTR_AUXDIS) | CTR_AUXINT);
+        r.sink.take();
+        r.cmd(0xd3);
+        r.put(0xa5);
+        assert!(r.sink.isa_level(12));
+        assert!(!r.sink.isa_level(1));
+        assert_eq!(r.get(), 0xa5);
+        assert!(!r.sink.isa_level(12));
+        // Enable keyboard interrupts and probe the keyboard (atkbd: GETID then enable).
+        r.cmd(0x60);
+        r.put(CTR_KBDINT | CTR_AUXINT | CTR_SYS | CTR_XLATE);
+        r.sink.take();
+        r.put(0xf2);
+        assert!(r.sink.isa_level(1));
+        assert_eq!(r.drain(), vec![ACK, 0xab, 0x41]);
+        // One edge per byte: high, low, high, low, high, low.
+        let ev = r.sink.take();
+        assert_eq!(ev.iter().filter(|e| **e == IrqEvent::Isa(1, true)).count(), 3);
+        r.put(0xf5);
+        r.put(0xed);
+        r.put(0x00);
+        r.put(0xf3);
+        r.put(0x00);
+        r.put(0xf4);
+        assert_eq!(r.drain(), vec![ACK; 6]);
+        r.put(0xff);
+        assert_eq!(r.drain(), vec![ACK, BAT_OK]);
+        // psmouse probe: reset, GETID, status request.
+        r.cmd(0xd4);
+        r.put(0xff);
+        assert_eq!(r.drain(), vec![ACK, BAT_OK, 0x00]);
+        r.cmd(0xd4);
+        r.put(0xf2);
+        assert_eq!(r.drain(), vec![ACK, 0x00]);
+        r.cmd(0xd4);
+        r.put(0xe8);
+        r.cmd(0xd4);
+        r.put(0x03);
+        r.cmd(0xd4);
+        r.put(0xe9);
+        assert_eq!(r.drain(), vec![ACK, ACK, ACK, 0x00, 0x03, 100]);
+    }
+
+    #[test]
+    fn interrupts_follow_ctr_and_disable_bits() {
+        let mut r = rig();
+        r.cmd(0x60);
+        r.put(0x00); // no interrupts
+        r.sink.take();
+        r.cmd(0xaa);
+        assert!(r.sink.take().is_empty());
+        assert_eq!(r.get(), 0x55);
+        // Keyboard interface disabled: keyboard bytes wait until re-enabled.
+        r.cmd(0x60);
+        r.put(CTR_KBDINT);
+        r.put(0xf4); // re-enables the interface itself
+        assert_eq!(r.drain(), vec![ACK]);
+        r.cmd(0xad);
+        r.dev.inject_keyboard(&[0x1c]);
+        assert!(r.drain().is_empty());
+        r.cmd(0xae);
+        assert_eq!(r.drain(), vec![0x1c]);
+        // 0xd2 writes a keyboard-side byte.
+        r.cmd(0xd2);
+        r.put(0x77);
+        assert_eq!(r.status() & STS_AUXB, 0);
+        assert_eq!(r.get(), 0x77);
+    }
+
+    #[test]
+    fn garbage_commands_do_not_panic_and_queues_are_bounded() {
+        let mut r = rig();
+        for c in 0..=0xffu8 {
+            if c & 0xf0 == 0xf0 {
+                continue;
+            }
+            r.cmd(c);
+            r.put(c);
+        }
+        for _ in 0..100 {
+            r.put(0xf2);
+            r.cmd(0xd4);
+            r.put(0xe9);
+        }
+        let out = r.drain();
+        assert!(out.len() <= 3 * DEV_QUEUE + 1, "{}", out.len());
+        let mut d = [0u8];
+        r.dev.read(7, 3, &mut d);
+        assert_eq!(d[0], 0xff);
+        r.dev.reset();
+        assert!(r.drain().is_empty());
+        r.cmd(0x20);
+        assert_eq!(r.get(), 0x03);
+    }
+
+    #[test]
+    fn through_a_bus() {
+        let sink = Arc::new(RecordingIrqSink::default());
+        let plat = Arc::new(RecordingPlatform::default());
+        let dev = Arc::new(Mutex::new(I8042::new(
+            IsaIrq::new(sink.clone(), 1),
+            IsaIrq::new(sink.clone(), 12),
+            plat.clone(),
+        )));
+        let bus = Bus::new("pio");
+        bus.insert(I8042::DATA_PORT, I8042::LEN, I8042::RULES, dev.clone(), I8042::REGION_DATA).unwrap();
+        bus.insert(I8042::CMD_PORT, I8042::LEN, I8042::RULES, dev.clone(), I8042::REGION_CMD).unwrap();
+        bus.write_sync(0x64, &[0xaa]);
+        let mut d = [0u8];
+        bus.read_sync(0x64, &mut d);
+        assert_eq!(d[0] & STS_OBF, STS_OBF);
+        bus.read_sync(0x60, &mut d);
+        assert_eq!(d[0], 0x55);
+        bus.write_sync(0x64, &[0xfe]);
+        assert_eq!(*plat.events.lock().unwrap(), vec![SystemEvent::Reset]);
+    }
+}
