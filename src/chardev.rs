@@ -63,11 +63,9 @@ pub fn open(cfg: &SerialConfig) -> Result<Option<Chardev>, ChardevError> {
             input: Some(Box::new(std::io::stdin())),
             pty_path: None,
         }),
-        SerialConfig::File(p) => Some(Chardev {
-            output: Box::new(FlushingFile(open_append(p)?)),
-            input: None,
-            pty_path: None,
-        }),
+        SerialConfig::File(p) => {
+            Some(Chardev { output: Box::new(FlushingFile(open_append(p)?)), input: None, pty_path: None })
+        }
         SerialConfig::Pty => {
             let (master, path) = open_pty().map_err(ChardevError::Pty)?;
             let reader = master.try_clone().map_err(ChardevError::Pty)?;
@@ -98,7 +96,8 @@ fn open_pty() -> std::io::Result<(File, String)> {
     // SAFETY: `fd` is a fresh descriptor we own; File takes over closing it.
     let master = unsafe { File::from_raw_fd(fd) };
     // SAFETY: grantpt/unlockpt take a valid pty master fd, which `master` holds.
-    if unsafe { libc::grantpt(master.as_raw_fd()) } != 0 || unsafe { libc::unlockpt(master.as_raw_fd()) } != 0 {
+    if unsafe { libc::grantpt(master.as_raw_fd()) } != 0 || unsafe { libc::unlockpt(master.as_raw_fd()) } != 0
+    {
         return Err(std::io::Error::last_os_error());
     }
     let mut buf = [0 as libc::c_char; 128];

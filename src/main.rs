@@ -1,5 +1,6 @@
 //! hvmdm: a Xen HVM device model (qemu-xen drop-in) whose device graph also runs on KVM.
 
+mod acpi_glue;
 mod chardev;
 mod config;
 mod kvm;
@@ -110,7 +111,7 @@ fn run() -> Result<i32> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,firmware=off")).init();
     match run() {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

@@ -122,7 +122,10 @@ impl KvmMemory {
             shadow_rom,
             rom,
             vars,
-            state: Mutex::new(ShadowState { attrs: [PamAttr::default(); PAM_SEGMENTS], mapped: [false; PAM_SEGMENTS] }),
+            state: Mutex::new(ShadowState {
+                attrs: [PamAttr::default(); PAM_SEGMENTS],
+                mapped: [false; PAM_SEGMENTS],
+            }),
         });
         mem.map_static()?;
         {

@@ -296,7 +296,9 @@ fn control_loop(
                 ctl.resume_all(true);
             }
             VmEvent::System(SystemEvent::Suspend) => {
-                log::warn!("guest requested S3 suspend, which hvmdm's KVM backend does not support yet; ignoring");
+                log::warn!(
+                    "guest requested S3 suspend, which hvmdm's KVM backend does not support yet; ignoring"
+                );
             }
             VmEvent::Fatal(msg) => {
                 log::error!("{msg}");
