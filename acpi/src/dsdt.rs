@@ -129,7 +129,6 @@ fn pci0(desc: &PlatformDesc) -> Raw {
         "PCI0",
         &[
             hid_eisa("PNP0A03"),
-            name_int("_ADR", 0),
             name_int("_UID", 0),
             name("_CRS", &pci0_crs(desc)),
             device("ISA_", &isa_devices(desc)),
@@ -150,22 +149,19 @@ fn iqst() -> Raw {
     )
 }
 
-/// `IQCR(reg)`: current resources of a link from its PIRQRC value.
+/// `IQCR(reg)`: current resources of a link from its PIRQRC value. Uses a local buffer and
+/// `Index` rather than named fields so nothing is created in the namespace per call.
 fn iqcr() -> Raw {
-    let prri = Path::new("PRRI");
-    let prr0 = Path::new("PRR0");
+    let byte5 = aml::Index::new(&aml::ZERO, &aml::Local(0), &5u8);
+    let irq = aml::And::new(&aml::ZERO, &aml::Arg(0), &0x0fu8);
     method(
         "IQCR",
         1,
-        true,
+        false,
         &[
-            name("PRR0", &resource_template(&[ext_irq(true, false, true, &[0])])),
-            raw(&aml::CreateDWordField::new(&prri, &prr0, &5u8)),
-            raw(&aml::If::new(
-                &aml::LessThan::new(&aml::Arg(0), &0x80u8),
-                vec![&store(&aml::Arg(0), &Path::new("PRRI"))],
-            )),
-            ret(&Path::new("PRR0")),
+            store(&resource_template(&[ext_irq(true, false, true, &[0])]), &aml::Local(0)),
+            raw(&aml::If::new(&aml::LessThan::new(&aml::Arg(0), &0x80u8), vec![&store(&irq, &byte5)])),
+            ret(&aml::Local(0)),
         ],
     )
 }
@@ -181,14 +177,12 @@ fn link_dev(name_: &str, uid: u8, reg: &str, irqs: &[u32]) -> Raw {
             method("_STA", 0, false, &[ret(&aml::MethodCall::new(Path::new("IQST"), vec![&reg_path]))]),
             method("_DIS", 0, false, &[raw(&aml::Or::new(&reg_path, &reg_path, &0x80u8))]),
             method("_CRS", 0, false, &[ret(&aml::MethodCall::new(Path::new("IQCR"), vec![&reg_path]))]),
+            // The IRQ number is byte 5 of the Extended Interrupt descriptor (IRQs < 16).
             method(
                 "_SRS",
                 1,
-                true,
-                &[
-                    raw(&aml::CreateDWordField::new(&Path::new("PRRI"), &aml::Arg(0), &5u8)),
-                    store(&Path::new("PRRI"), &reg_path),
-                ],
+                false,
+                &[store(&aml::DeRefOf::new(&aml::Index::new(&aml::ZERO, &aml::Arg(0), &5u8)), &reg_path)],
             ),
         ],
     )

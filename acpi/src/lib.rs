@@ -15,6 +15,9 @@ pub mod seabios_dsdt;
 pub mod tables;
 pub mod verify;
 
+#[cfg(test)]
+mod acpica_tests;
+
 use thiserror::Error;
 
 pub use linker::{AllocZone, Linker, LinkerError, LoaderCommand};
@@ -199,4 +202,47 @@ pub fn build(desc: &PlatformDesc) -> Result<AcpiBlobs, BuildError> {
 /// Rounds `len` up to a nonzero multiple of `align`.
 pub(crate) fn padded_len(len: usize, align: usize) -> usize {
     len.div_ceil(align).max(1) * align
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_rejects_bad_descriptions() {
+        let ok = PlatformDesc::pc(PlatformDesc::simple_cpus(2, 2), 0x600, 0x8000_0000);
+        let mut d = ok.clone();
+        d.cpus.clear();
+        assert_eq!(build(&d), Err(BuildError::NoCpus));
+        let mut d = ok.clone();
+        d.cpus[1].apic_id = 0;
+        assert_eq!(build(&d), Err(BuildError::DuplicateApicId(0)));
+        let mut d = ok.clone();
+        d.cpus = PlatformDesc::simple_cpus(4097, 1);
+        assert_eq!(build(&d), Err(BuildError::TooManyCpus(4097)));
+        let mut d = ok.clone();
+        d.pci_mmio32 = (0xfec0_0000, 0x8000_0000);
+        assert!(matches!(build(&d), Err(BuildError::BadWindow(..))));
+        let mut d = ok;
+        d.pci_mmio64 = Some((2, 1));
+        assert!(matches!(build(&d), Err(BuildError::BadWindow(..))));
+    }
+
+    #[test]
+    fn sizes_and_limits() {
+        let b = build(&PlatformDesc::pc(PlatformDesc::simple_cpus(4096, 1), 0x600, 0x8000_0000)).unwrap();
+        assert!(b.tables.len() <= TABLES_MAX_SIZE && b.tables.len() % TABLES_ALIGN == 0);
+        assert!(b.loader.len() <= LOADER_MAX_SIZE && b.loader.len() == LOADER_ALIGN);
+        assert_eq!(b.rsdp.len(), 36);
+        assert_eq!(padded_len(0, 16), 16);
+        assert_eq!(padded_len(17, 16), 32);
+        for fw in [Firmware::SeaBios, Firmware::Ovmf] {
+            let files = |n: &str| match n {
+                TABLES_FILE => Some(b.tables.clone()),
+                RSDP_FILE => Some(b.rsdp.clone()),
+                _ => None,
+            };
+            verify(&b.loader, &files, fw).unwrap();
+        }
+    }
 }
