@@ -211,14 +211,17 @@ impl VcpuThread {
 
     /// One KVM_RUN and its exit; false when the thread must stop.
     fn run_once(&mut self) -> bool {
-        match self.vcpu.run() {
+        // Port I/O is handled after the exit's borrow of the run area ends: kvm-ioctls flattens a
+        // `rep ins/outs` into one size*count slice, and the bus needs the real access size.
+        let mut pio: Option<bool> = None;
+        let keep_going = match self.vcpu.run() {
             Ok(exit) => match exit {
-                VcpuExit::IoIn(port, data) => {
-                    self.pio.read_sync(port as u64, data);
+                VcpuExit::IoIn(..) => {
+                    pio = Some(false);
                     true
                 }
-                VcpuExit::IoOut(port, data) => {
-                    self.pio.write_sync(port as u64, data);
+                VcpuExit::IoOut(..) => {
+                    pio = Some(true);
                     true
                 }
                 VcpuExit::MmioRead(addr, data) => {
@@ -279,6 +282,35 @@ impl VcpuThread {
             Err(e) => {
                 let _ = self.events.send(VmEvent::Fatal(format!("vCPU {}: KVM_RUN: {e}", self.index)));
                 false
+            }
+        };
+        if let Some(is_out) = pio {
+            self.port_io(is_out);
+        }
+        keep_going
+    }
+
+    /// Serves a KVM_EXIT_IO of `count` accesses of `size` bytes each (count > 1 for rep ins/outs).
+    fn port_io(&mut self, is_out: bool) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the active member of the union.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let (size, count, port) = (io.size as usize, io.count as usize, io.port as u64);
+        let total = size * count;
+        if size == 0 || size > 4 || total > 4096 || io.data_offset as usize + total > 4096 * 2 {
+            log::error!("vCPU {}: malformed KVM_EXIT_IO (size {size}, count {count})", self.index);
+            return;
+        }
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: KVM places the `size * count` data bytes at `data_offset` inside the vCPU's
+        // mmap'd run area (at least one page plus the PIO page); bounds were checked above, and no
+        // other reference to that area is alive here.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), total) };
+        for chunk in data.chunks_mut(size) {
+            if is_out {
+                self.pio.write_sync(port, chunk);
+            } else {
+                self.pio.read_sync(port, chunk);
             }
         }
     }
