@@ -122,6 +122,8 @@ impl PciFunction for Piix3Isa {
 /// IDETIM primary / secondary.
 pub const PIIX_IDETIM_PRI: u16 = 0x40;
 pub const PIIX_IDETIM_SEC: u16 = 0x42;
+/// IDETIM bit 15: the channel's legacy ports decode.
+pub const IDETIM_IDE_DECODE: u16 = 0x8000;
 /// BAR4: SFF-8038i bus-master registers, 16 bytes of I/O.
 pub const PIIX_IDE_BM_BAR: usize = 4;
 pub const PIIX_IDE_BM_LEN: u64 = 16;
@@ -143,6 +145,11 @@ impl Piix3Ide {
     pub fn new(buses: &PciBuses, bm: RegionTarget) -> Result<Self, PciError> {
         let mut cs = ConfigSpace::new("piix3-ide", intel(0x7010, 0, 0x010180, 0, 0));
         cs.init_word(PCI_STATUS, PCI_STATUS_FAST_BACK | PCI_STATUS_DEVSEL_MEDIUM);
+        // IDETIM decode enable (bit 15) set from reset: the legacy ports always decode here, and
+        // Linux's ata_piix skips a channel whose enable bit is clear, which OVMF never sets
+        // (SeaBIOS and hvmloader do). The rest of IDETIM stays 0 and guest-writable.
+        cs.init_word(PIIX_IDETIM_PRI, IDETIM_IDE_DECODE);
+        cs.init_word(PIIX_IDETIM_SEC, IDETIM_IDE_DECODE);
         cs.add_bar(PIIX_IDE_BM_BAR, BarKind::Io, PIIX_IDE_BM_LEN, bm, buses)?;
         Ok(Piix3Ide { cs })
     }
@@ -342,6 +349,12 @@ mod tests {
         assert_eq!(ide.config_read(0), 0x7010_8086);
         assert_eq!(ide.config_read(8) >> 8, 0x010180);
         assert_eq!(ide.config_read(0x20), 1);
+        // Both channels decode from reset (bytes 0x41/0x43 = 0x80), as Linux's ata_piix requires.
+        assert_eq!(ide.config_read(0x40), 0x8000_8000);
+        ide.config_write(0x40, 0, 0xf);
+        assert_eq!(ide.config_read(0x40), 0);
+        ide.reset();
+        assert_eq!(ide.config_read(0x40), 0x8000_8000);
         ide.config_write(0x20, u32::MAX, 0xf);
         assert_eq!(ide.config_read(0x20), 0xffff_fff1);
         ide.config_write(0x20, 0xc000, 0xf);
