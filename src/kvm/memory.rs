@@ -36,7 +36,7 @@ pub enum MemoryError {
     Alloc(String),
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} failed: {err}")]
     SetRegion { slot: u32, err: kvm_ioctls::Error },
-    #[error("firmware image of {0} bytes does not fit: it must be a multiple of 64 KiB, at most 16 MiB")]
+    #[error("firmware image of {0} bytes does not fit: it must be a multiple of 4 KiB, at most 16 MiB")]
     FirmwareSize(usize),
 }
 
@@ -93,7 +93,7 @@ impl KvmMemory {
         }
         let ram = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Alloc(e.to_string()))?;
         let total_fw = fw.code.len() + fw.vars.as_ref().map_or(0, |v| v.len());
-        if fw.code.is_empty() || fw.code.len() % 0x10000 != 0 || total_fw > 16 << 20 {
+        if fw.code.is_empty() || fw.code.len() % 0x1000 != 0 || total_fw > 16 << 20 {
             return Err(MemoryError::FirmwareSize(fw.code.len()));
         }
         let rom = anon(fw.code.len())?;
