@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a guest on KVM with hvmdm's device graph.
-    Kvm(KvmArgs),
+    Kvm(Box<KvmArgs>),
     /// Serve a Xen HVM domain as its device model (not implemented yet).
     Xen,
 }

@@ -42,10 +42,10 @@ impl KvmIrqSink {
                 }
             }
         }
-        for irq in 0..16 {
-            if want[irq] != l.driven[irq] {
-                l.driven[irq] = want[irq];
-                if let Err(e) = self.vm.set_irq_line(irq as u32, want[irq]) {
+        for (irq, &level) in want.iter().enumerate() {
+            if level != l.driven[irq] {
+                l.driven[irq] = level;
+                if let Err(e) = self.vm.set_irq_line(irq as u32, level) {
                     log::error!("KVM_IRQ_LINE {irq}: {e}");
                 }
             }

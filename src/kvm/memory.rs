@@ -201,11 +201,6 @@ impl KvmMemory {
     pub fn rom_base(&self) -> u64 {
         FOUR_GIB - self.rom.size() as u64
     }
-
-    /// Ends of RAM for the e820 map and ACPI.
-    pub fn below_4g_end(&self) -> u64 {
-        self.layout.below_4g
-    }
 }
 
 fn copy_into(r: &MmapRegion, off: usize, data: &[u8]) {

@@ -88,7 +88,7 @@ pub struct KvmOptions {
     pub allow_software_kvm: bool,
 }
 
-fn setup<T>(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+fn setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
     move |err| KvmError::Setup { what, err }
 }
 
@@ -106,14 +106,14 @@ pub fn run(cfg: &MachineConfig, opts: &KvmOptions) -> Result<i32, KvmError> {
             return Err(KvmError::MissingCap(name));
         }
     }
-    let vm = Arc::new(kvm.create_vm().map_err(setup::<()>("KVM_CREATE_VM"))?);
+    let vm = Arc::new(kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?);
     // VMX needs these private pages (SVM ignores them); placed where QEMU puts them, below the
     // 16 MiB firmware window, and reserved in the e820 map (KVM_PRIVATE_PAGES).
-    vm.set_identity_map_address(KVM_PRIVATE_PAGES).map_err(setup::<()>("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.set_tss_address(KVM_PRIVATE_PAGES as usize + 0x1000).map_err(setup::<()>("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(setup::<()>("KVM_CREATE_IRQCHIP"))?;
+    vm.set_identity_map_address(KVM_PRIVATE_PAGES).map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(KVM_PRIVATE_PAGES as usize + 0x1000).map_err(setup("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
     vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-        .map_err(setup::<()>("KVM_CREATE_PIT2"))?;
+        .map_err(setup("KVM_CREATE_PIT2"))?;
 
     let fw = match &cfg.firmware {
         FirmwareConfig::Bios(p) => FirmwareImages { code: read_file(p)?, vars: None },
@@ -152,10 +152,10 @@ pub fn run(cfg: &MachineConfig, opts: &KvmOptions) -> Result<i32, KvmError> {
     let mut chip_state = Vec::new();
     for chip_id in 0..3 {
         let mut c = kvm_irqchip { chip_id, ..Default::default() };
-        vm.get_irqchip(&mut c).map_err(setup::<()>("KVM_GET_IRQCHIP"))?;
+        vm.get_irqchip(&mut c).map_err(setup("KVM_GET_IRQCHIP"))?;
         chip_state.push(c);
     }
-    let pit_state = vm.get_pit2().map_err(setup::<()>("KVM_GET_PIT2"))?;
+    let pit_state = vm.get_pit2().map_err(setup("KVM_GET_PIT2"))?;
 
     vcpu::install_kick_handler().map_err(KvmError::Signal)?;
     let msr_list = kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
@@ -163,9 +163,9 @@ pub fn run(cfg: &MachineConfig, opts: &KvmOptions) -> Result<i32, KvmError> {
     let mut threads = Vec::new();
     for i in 0..cfg.smp {
         let id = topology.apic_id(i);
-        let vcpu = vm.create_vcpu(id as u64).map_err(setup::<()>("KVM_CREATE_VCPU"))?;
+        let vcpu = vm.create_vcpu(id as u64).map_err(setup("KVM_CREATE_VCPU"))?;
         let cpuid = vcpu::cpuid_for(&kvm, &topology, i)?;
-        vcpu.set_cpuid2(&cpuid).map_err(setup::<()>("KVM_SET_CPUID2"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
         let initial = InitialState::capture(&vcpu, i, &msr_list)?;
         let t = VcpuThread {
             index: i,
@@ -190,6 +190,9 @@ pub fn run(cfg: &MachineConfig, opts: &KvmOptions) -> Result<i32, KvmError> {
         fw.code.len() >> 10,
         rom_base
     );
+    if let Some(p) = &machine.pty_path {
+        log::info!("serial0 is {p}");
+    }
     let ctl = Control { vm: &vm, control: &control, threads: &threads, chip_state, pit_state };
     let status = control_loop(&rx, &ctl, &machine, &mem, &irq);
     ctl.stop_all();
