@@ -324,3 +324,188 @@ fn machine_uuid() -> [u8; 16] {
     }
     u
 }
+
+#[cfg(test)]
+mod tests {
+    //! Machine-level tests: the firmware's view of the assembled graph, driven through the same
+    //! port accesses SeaBIOS and OVMF make (the unit-lane cover for what OVMF needs from hvmdm).
+
+    use super::*;
+    use crate::config::{FirmwareConfig, SerialConfig};
+    use hvmdm_acpi as acpi;
+    use hvmdm_devices::irq::RecordingIrqSink;
+    use hvmdm_devices::mem::TestRam;
+    use hvmdm_devices::platform::{RecordingPlatform, SystemEvent};
+
+    fn machine(cpus: u32) -> (Machine, Arc<TestRam>, Arc<RecordingPlatform>) {
+        let ram = Arc::new(TestRam::new(4 << 20));
+        let platform = Arc::new(RecordingPlatform::default());
+        let cfg = MachineConfig {
+            memory: 256 << 20,
+            smp: cpus,
+            firmware: FirmwareConfig::OvmfSplit {
+                code: "ovmf-code".into(),
+                vars_template: "ovmf-vars".into(),
+            },
+            kernel: None,
+            initrd: None,
+            append: String::new(),
+            disks: vec![],
+            serial: SerialConfig::None,
+            firmware_log: None,
+            boot_order: "c".into(),
+        };
+        let m = Machine::build(
+            &cfg,
+            MachineEnv {
+                mem: ram.clone(),
+                irq: Arc::new(RecordingIrqSink::default()),
+                platform: platform.clone(),
+                shadow: platform.clone(),
+                ram_below_4g: 256 << 20,
+                ram_above_4g: 0,
+                topology: Topology::flat(cpus, cpus),
+            },
+        )
+        .unwrap();
+        (m, ram, platform)
+    }
+
+    fn cfg_write(m: &Machine, devfn: u8, reg: u8, v: u32) {
+        m.pio.write_sync(0xcf8, &(0x8000_0000u32 | (devfn as u32) << 8 | reg as u32).to_le_bytes());
+        m.pio.write_sync(0xcfc, &v.to_le_bytes());
+    }
+
+    /// The fw_cfg directory as a firmware reads it through the ports: name -> (key, size).
+    fn directory(m: &Machine) -> Vec<(String, u16, u32)> {
+        m.pio.write_sync(0x510, &0x19u16.to_le_bytes());
+        let mut rd = |n: usize| {
+            let mut v = vec![0u8; n];
+            for b in v.iter_mut() {
+                let mut x = [0u8];
+                m.pio.read_sync(0x511, &mut x);
+                *b = x[0];
+            }
+            v
+        };
+        let count = u32::from_be_bytes(rd(4).try_into().unwrap());
+        (0..count)
+            .map(|_| {
+                let e = rd(64);
+                let size = u32::from_be_bytes(e[0..4].try_into().unwrap());
+                let key = u16::from_be_bytes(e[4..6].try_into().unwrap());
+                let name = String::from_utf8_lossy(&e[8..]).trim_end_matches('\0').to_string();
+                (name, key, size)
+            })
+            .collect()
+    }
+
+    /// OVMF style: port select, then a DMA READ of `size` bytes (both address halves written).
+    fn dma_read(m: &Machine, ram: &TestRam, key: u16, size: u32) -> Vec<u8> {
+        m.pio.write_sync(0x510, &key.to_le_bytes());
+        let desc = 0x1000u64;
+        let buf = 0x10000u64;
+        ram.write(desc, &0x02u32.to_be_bytes()).unwrap();
+        ram.write(desc + 4, &size.to_be_bytes()).unwrap();
+        ram.write(desc + 8, &buf.to_be_bytes()).unwrap();
+        m.pio.write_sync(0x514, &0u32.to_be_bytes());
+        m.pio.write_sync(0x518, &(desc as u32).to_be_bytes());
+        let mut ctl = [0u8; 4];
+        ram.read(desc, &mut ctl).unwrap();
+        assert_eq!(u32::from_be_bytes(ctl), 0, "DMA control after transfer");
+        let mut out = vec![0u8; size as usize];
+        ram.read(buf, &mut out).unwrap();
+        out
+    }
+
+    fn download(m: &Machine, ram: &TestRam, dir: &[(String, u16, u32)], name: &str) -> Vec<u8> {
+        let (_, key, size) = dir.iter().find(|(n, ..)| n == name).unwrap();
+        dma_read(m, ram, *key, *size)
+    }
+
+    fn fadt_pm1a_evt(report: &acpi::VerifyReport, mem: &dyn Fn(u64, usize) -> Vec<u8>) -> u32 {
+        let t = report.tables.iter().find(|t| t.signature == "FACP").unwrap();
+        u32::from_le_bytes(mem(t.address + 56, 4).try_into().unwrap())
+    }
+
+    fn check_boot(
+        m: &Machine,
+        ram: &TestRam,
+        fw: acpi::Firmware,
+        pm_base: u16,
+        dir: Vec<(String, u16, u32)>,
+    ) {
+        // OVMF selects the loader after reading its size; the select runs the lazy rebuild.
+        let loader = download(m, ram, &dir, acpi::LOADER_FILE);
+        let dir_after = directory(m);
+        let (tables, rsdp) = match fw {
+            // SeaBIOS keeps the sizes it cached before PCI setup.
+            acpi::Firmware::SeaBios => {
+                (download(m, ram, &dir, acpi::TABLES_FILE), download(m, ram, &dir, acpi::RSDP_FILE))
+            }
+            acpi::Firmware::Ovmf => (
+                download(m, ram, &dir_after, acpi::TABLES_FILE),
+                download(m, ram, &dir_after, acpi::RSDP_FILE),
+            ),
+        };
+        assert_eq!(dir, dir_after, "directory sizes must not change across the lazy rebuild");
+        let files = |n: &str| match n {
+            acpi::TABLES_FILE => Some(tables.clone()),
+            acpi::LOADER_FILE => Some(loader.clone()),
+            acpi::RSDP_FILE => Some(rsdp.clone()),
+            _ => None,
+        };
+        let report = acpi::verify(&loader, &files, fw).unwrap();
+        for sig in ["FACP", "DSDT", "APIC"] {
+            assert!(report.has(sig), "{fw:?}: {sig} missing from {:?}", report.tables);
+        }
+        // The FADT carries the PM base the firmware programmed (QEMU's lazy-build behaviour).
+        let blob_base = report.blobs.iter().find(|b| b.0 == acpi::TABLES_FILE).unwrap().1;
+        let mem = |addr: u64, n: usize| tables[(addr - blob_base) as usize..][..n].to_vec();
+        assert_eq!(fadt_pm1a_evt(&report, &mem), pm_base as u32);
+    }
+
+    #[test]
+    fn ovmf_sequence_gets_verified_tables_with_its_pm_base() {
+        let (m, ram, _) = machine(2);
+        // OVMF: PMBA 0xB000 + PMREGMISC before its ACPI driver runs.
+        cfg_write(&m, 0x0b, 0x40, 0xb001);
+        cfg_write(&m, 0x0b, 0x80, 1);
+        let dir = directory(&m);
+        check_boot(&m, &ram, acpi::Firmware::Ovmf, 0xb000, dir);
+    }
+
+    #[test]
+    fn seabios_sequence_with_stale_directory_and_pm_move_then_reboot() {
+        let (m, ram, platform) = machine(4);
+        // SeaBIOS reads the directory before PCI setup, then moves PM to 0x600.
+        let dir = directory(&m);
+        cfg_write(&m, 0x0b, 0x40, 0x601);
+        cfg_write(&m, 0x0b, 0x80, 1);
+        check_boot(&m, &ram, acpi::Firmware::SeaBios, 0x600, dir);
+        // Guest reboots through 0xCF9; after the machine reset the tables are rebuilt again
+        // for whatever the firmware programs this time.
+        m.pio.write_sync(0xcf9, &[0x06]);
+        assert_eq!(platform.events.lock().unwrap().last(), Some(&SystemEvent::Reset));
+        m.reset();
+        let dir = directory(&m);
+        cfg_write(&m, 0x0b, 0x40, 0xb001);
+        cfg_write(&m, 0x0b, 0x80, 1);
+        check_boot(&m, &ram, acpi::Firmware::SeaBios, 0xb000, dir);
+    }
+
+    #[test]
+    fn pm_block_follows_pmba_and_s5_powers_off() {
+        let (m, _, platform) = machine(1);
+        cfg_write(&m, 0x0b, 0x40, 0xb001);
+        cfg_write(&m, 0x0b, 0x80, 1);
+        // hvmloader: enable ACPI through 0xB2, then SCI_EN reads back from PM1a_CNT.
+        m.pio.write_sync(0xb2, &[0xf1]);
+        let mut cnt = [0u8; 2];
+        m.pio.read_sync(0xb004, &mut cnt);
+        assert_eq!(u16::from_le_bytes(cnt) & 1, 1);
+        // S5: SLP_TYP 0 with SLP_EN.
+        m.pio.write_sync(0xb004, &(0x2001u16).to_le_bytes());
+        assert_eq!(platform.events.lock().unwrap().last(), Some(&SystemEvent::PowerOff));
+    }
+}
