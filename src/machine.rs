@@ -379,7 +379,7 @@ mod tests {
     /// The fw_cfg directory as a firmware reads it through the ports: name -> (key, size).
     fn directory(m: &Machine) -> Vec<(String, u16, u32)> {
         m.pio.write_sync(0x510, &0x19u16.to_le_bytes());
-        let mut rd = |n: usize| {
+        let rd = |n: usize| {
             let mut v = vec![0u8; n];
             for b in v.iter_mut() {
                 let mut x = [0u8];
