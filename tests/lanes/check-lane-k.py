@@ -13,7 +13,7 @@ import sys
 
 OUT = os.environ.get("LANEK_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
 
-ALL_CHECKS = ["markers", "exit", "acpi", "errors", "pci", "disk", "fwlog"]
+ALL_CHECKS = ["markers", "exit", "acpi", "errors", "pci", "disk", "fwlog", "fwlog-present"]
 
 # Firmware log strings that mean the firmware tripped over the device model's data:
 # SeaBIOS warn_internalerror()/warn_noalloc()/warn_timeout(), OVMF's ACPI linker/loader
@@ -157,6 +157,10 @@ def check(path, report):
             bad = [l for l in fw if FW_BAD_RE.search(l)]
             if bad:
                 ok, why = False, "%d bad line(s): %s" % (len(bad), tail(bad, 3))
+        elif c == "fwlog-present":
+            # Opt-in: a firmware that logs (SeaBIOS) must have logged, or "fwlog" proves nothing.
+            if not any(l.strip() for l in fw):
+                ok, why = False, "firmware log is empty"
         report("PASS" if ok else "FAIL", name, c, why)
 
     up = first(ms, "HVMDM-UPTIME")

@@ -11,16 +11,16 @@
 # Environment:
 #   HVMDM_BIN=path         hvmdm binary (default: target/release/hvmdm)
 #   LANEK_SMP=N            outer vCPUs (default 1; >1 uses -accel tcg,thread=multi)
-#   LANEK_TIMEOUT=SECS     hard limit for each outer VM boot (default 1200)
-#   LANEK_TOTAL_TIMEOUT=S  hard limit for the whole lane (default 1800)
+#   LANEK_TIMEOUT=SECS     hard limit for each outer VM boot (default 900)
+#   LANEK_TOTAL_TIMEOUT=S  hard limit for the whole lane incl. cache builds (default 1200)
 #   LANEK_OUTER_APPEND=... extra outer kernel args (e.g. lanek.kvm_amd=avic=0 lanek.debug=1)
 #   LANEK_NO_CHECK=1       do not run check-lane-k.py
 source "$(dirname "$0")/lib.sh"
 
 HVMDM_BIN=${HVMDM_BIN:-$REPO_DIR/target/release/hvmdm}
 SMP=${LANEK_SMP:-1}
-BOOT_TIMEOUT=${LANEK_TIMEOUT:-1200}
-TOTAL_TIMEOUT=${LANEK_TOTAL_TIMEOUT:-1800}
+BOOT_TIMEOUT=${LANEK_TIMEOUT:-900}
+TOTAL_TIMEOUT=${LANEK_TOTAL_TIMEOUT:-1200}
 SCEN_DIR=$LANES_DIR/scenarios
 
 # Whole-lane watchdog: CI must never hang here.
