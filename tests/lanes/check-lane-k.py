@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""check-lane-k.py [LOG|NAME ...]: assert lane-K scenario results.
+
+Reads tests/lanes/out/<scenario>.log as written by run-lane-k.sh (all logs in out/
+when no argument is given). Prints one `PASS scenario/check` or
+`FAIL scenario/check: reason` line per check, `SKIP scenario: reason` for skipped
+scenarios, and ends with exactly `N passed, M failed[, K skipped]`. Exit status 1 when
+anything failed (or nothing was checked), else 0.
+"""
+import os
+import re
+import sys
+
+OUT = os.environ.get("LANEK_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+
+ALL_CHECKS = ["markers", "exit", "acpi", "errors", "pci", "disk", "fwlog", "fwlog-present"]
+
+# Firmware log strings that mean the firmware tripped over the device model's data:
+# SeaBIOS warn_internalerror()/warn_noalloc()/warn_timeout(), OVMF's ACPI linker/loader
+# (QemuFwCfgAcpi.c) and EDK2 assertions.
+FW_BAD = [
+    r"internal error",
+    r"invalid checksum range",
+    r"invalid blob reference",
+    r"invalid pointer",
+    r"Unable to allocate resource",
+    r"WARNING - Timeout",
+    r"Protocol Error",
+    r"ProcessCmd\w+: .*(invalid|unsupported|failed|not found|too)",
+    r"ASSERT [^ ]+\(\d+\)",
+]
+FW_BAD_RE = re.compile("|".join(FW_BAD), re.IGNORECASE)
+
+
+def parse(path):
+    d = {"meta": {}, "result": None, "skip": None, "expect": {}, "streams": {}}
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("LANEK-META "):
+                for kv in line.split()[1:]:
+                    if "=" in kv:
+                        k, v = kv.split("=", 1)
+                        d["meta"][k] = v
+            elif line.startswith("LANEK-EXPECT "):
+                p = line.split()
+                if len(p) >= 3:
+                    d["expect"][p[1]] = p[2]
+            elif line.startswith("LANEK-RESULT "):
+                d["result"] = line.split()[2:]
+            elif line.startswith("LANEK-SKIP "):
+                d["skip"] = line.split(" ", 2)[2] if line.count(" ") >= 2 else "skipped"
+            else:
+                m = re.match(r"^(\w+)\| ?(.*)$", line)
+                if m:
+                    d["streams"].setdefault(m.group(1), []).append(m.group(2))
+    return d
+
+
+def markers(serial):
+    """HVMDM-* lines from the L2 console. Marker lines may be preceded by noise on the
+    same line (kernel output without a newline), so search rather than match."""
+    res = []
+    for line in serial:
+        i = line.find("HVMDM-")
+        if i >= 0:
+            res.append(line[i:])
+    return res
+
+
+def first(ms, key):
+    for m in ms:
+        p = m.split(" ", 1)
+        if p[0] == key:
+            return p[1] if len(p) > 1 else ""
+    return None
+
+
+def tail(lines, n=5):
+    return " | ".join(l.strip() for l in lines[-n:] if l.strip())[:400]
+
+
+def check(path, report):
+    name = os.path.basename(path)[:-4] if path.endswith(".log") else os.path.basename(path)
+    if not os.path.exists(path):
+        report("FAIL", name, "ran", "no log %s" % path)
+        return
+    d = parse(path)
+    if d["skip"] is not None:
+        report("SKIP", name, None, d["skip"])
+        return
+    r = d["result"]
+    if not r or r[0] in ("outer-died", "not-run"):
+        why = "no result" if not r else " ".join(r)
+        outer = d["streams"].get("outer", [])
+        abort = [l for l in outer if "assert" in l.lower() or "abort" in l.lower()]
+        report("FAIL", name, "ran", "%s%s" % (why, (": " + tail(abort or outer, 3)) if (abort or outer) else ""))
+        return
+    res = dict(kv.split("=", 1) for kv in r if "=" in kv)
+    meta = d["meta"]
+    checks = [c for c in meta.get("checks", ",".join(ALL_CHECKS)).split(",") if c]
+    serial = d["streams"].get("serial", [])
+    vmm = d["streams"].get("vmm", [])
+    fw = d["streams"].get("fw", [])
+    ms = markers(serial)
+
+    for c in ALL_CHECKS:
+        if c not in checks:
+            continue
+        ok, why = True, ""
+        if c == "markers":
+            missing = [k for k in ("HVMDM-READY", "HVMDM-DONE") if first(ms, k) is None]
+            if missing:
+                ok, why = False, "missing %s; last serial: %s" % (",".join(missing), tail(serial))
+        elif c == "exit":
+            if res.get("timeout") == "1":
+                ok, why = False, "VMM killed after the scenario timeout (wall %ss)" % res.get("wall")
+            elif res.get("exit") != "0":
+                ok, why = False, "VMM exit status %s; stderr: %s" % (res.get("exit"), tail(vmm))
+        elif c == "acpi":
+            t = first(ms, "HVMDM-ACPI-TABLES")
+            want = [x for x in meta.get("acpi", "DSDT,FACP,APIC").split(",") if x]
+            if t is None:
+                ok, why = False, "no HVMDM-ACPI-TABLES line"
+            else:
+                have = set(t.split())
+                miss = [x for x in want if x not in have]
+                if miss:
+                    ok, why = False, "missing %s (have %s)" % (" ".join(miss), " ".join(sorted(have)))
+        elif c == "errors":
+            t = first(ms, "HVMDM-ACPI-ERRORS")
+            lines = [m for m in ms if m.startswith("HVMDM-ACPI-ERROR ")]
+            if t is None:
+                ok, why = False, "no HVMDM-ACPI-ERRORS line"
+            elif t.strip() != "0" or lines:
+                ok, why = False, "%s error line(s): %s" % (t.strip(), tail(lines, 3))
+        elif c == "pci":
+            t = first(ms, "HVMDM-PCI")
+            want = [x for x in meta.get("pci", "").split(",") if x]
+            if t is None:
+                ok, why = False, "no HVMDM-PCI line"
+            else:
+                have = set(t.split())
+                miss = [x for x in want if x not in have]
+                if miss:
+                    ok, why = False, "missing %s (have %s)" % (" ".join(miss), " ".join(sorted(have)))
+        elif c == "disk":
+            t = first(ms, "HVMDM-DISK-SUM")
+            exp = d["expect"].get("disk-sha256")
+            if t is None:
+                ok, why = False, "no HVMDM-DISK-SUM line (block: %s)" % first(ms, "HVMDM-BLOCK")
+            elif not exp:
+                ok, why = False, "no expected checksum in the log"
+            elif t.split()[-1] != exp:
+                ok, why = False, "got %s, expected %s" % (t, exp)
+        elif c == "fwlog":
+            bad = [l for l in fw if FW_BAD_RE.search(l)]
+            if bad:
+                ok, why = False, "%d bad line(s): %s" % (len(bad), tail(bad, 3))
+        elif c == "fwlog-present":
+            # Opt-in: a firmware that logs (SeaBIOS) must have logged, or "fwlog" proves nothing.
+            if not any(l.strip() for l in fw):
+                ok, why = False, "firmware log is empty"
+        report("PASS" if ok else "FAIL", name, c, why)
+
+    up = first(ms, "HVMDM-UPTIME")
+    print("INFO %s wall=%ss guest_uptime=%s fwlog_lines=%d serial_lines=%d"
+          % (name, res.get("wall", "?"), (up or "?").strip(), len(fw), len(serial)))
+
+
+def main(argv):
+    args = argv[1:]
+    if not args:
+        args = sorted(os.path.join(OUT, f) for f in os.listdir(OUT) if f.endswith(".log")) if os.path.isdir(OUT) else []
+    counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
+
+    def report(kind, name, what, why):
+        counts[kind] += 1
+        label = name if what is None else "%s/%s" % (name, what)
+        print("%s %s%s" % (kind, label, (": " + why) if why and kind != "PASS" else ""))
+
+    for a in args:
+        path = a if (os.sep in a or a.endswith(".log")) else os.path.join(OUT, a + ".log")
+        check(path, report)
+    line = "%d passed, %d failed" % (counts["PASS"], counts["FAIL"])
+    if counts["SKIP"]:
+        line += ", %d skipped" % counts["SKIP"]
+    print(line)
+    return 1 if counts["FAIL"] or counts["PASS"] == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

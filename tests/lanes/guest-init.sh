@@ -1,0 +1,129 @@
+#!/bin/sh
+# /init of the L2 guest kit (busybox initramfs). Prints HVMDM-* marker lines on the
+# serial console and powers off. Scenario knobs come from the kernel command line:
+#   hvmdm.check=LIST   comma list of acpi,pci,block,errors,disk (default: all)
+#   hvmdm.disk=DEV     block device to checksum (default: sda)
+#   hvmdm.diskmib=N    checksum the first N MiB (default: 16; 0 = whole device)
+#   hvmdm.wait=SECS    how long to wait for the disk to appear (default: 20)
+#   hvmdm.modules=LIST comma list of extra module names to insmod (must be in the kit)
+#   hvmdm.end=poweroff|reboot|shell (default: poweroff)
+PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
+
+# Marker lines go to the first serial port, the kernel console.
+OUTDEV=/dev/ttyS0
+[ -c "$OUTDEV" ] || OUTDEV=/dev/console
+out() { echo "$*" > "$OUTDEV"; }
+
+CHECK=acpi,pci,block,errors,disk
+DISK=sda
+DISKMIB=16
+WAIT=20
+EXTRA=
+END=poweroff
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        hvmdm.check=*) CHECK=${arg#*=} ;;
+        hvmdm.disk=*) DISK=${arg#*=} ;;
+        hvmdm.diskmib=*) DISKMIB=${arg#*=} ;;
+        hvmdm.wait=*) WAIT=${arg#*=} ;;
+        hvmdm.modules=*) EXTRA=${arg#*=} ;;
+        hvmdm.end=*) END=${arg#*=} ;;
+    esac
+done
+want() { case ",$CHECK,all," in *",$1,"*|*",all,"*) return 0 ;; esac; return 1; }
+
+# Load the kit's drivers in dependency order; a driver with no device just fails to bind.
+FAILED=
+while read -r m; do
+    [ -n "$m" ] || continue
+    insmod "$m" 2>/dev/null || FAILED="$FAILED $(basename "$m" .ko)"
+done < /etc/modules.load
+for m in $(echo "$EXTRA" | tr ',' ' '); do
+    f=$(find /lib/modules -name "$m.ko" | head -1)
+    [ -n "$f" ] && { insmod "$f" 2>/dev/null || FAILED="$FAILED $m"; }
+done
+
+# Quiet the console so marker lines are not interleaved with kernel messages.
+dmesg -n 1
+
+out "HVMDM-READY $(uname -r)"
+out "HVMDM-CMDLINE $(cat /proc/cmdline)"
+[ -n "$FAILED" ] && out "HVMDM-INSMOD-FAILED$FAILED"
+
+if want acpi; then
+    T=
+    if [ -d /sys/firmware/acpi/tables ]; then
+        for f in /sys/firmware/acpi/tables/*; do
+            [ -f "$f" ] && T="$T $(basename "$f")"
+        done
+    fi
+    out "HVMDM-ACPI-TABLES $(echo $T | tr ' ' '\n' | sort | tr '\n' ' ')"
+fi
+
+if want pci; then
+    L=
+    for d in /sys/bus/pci/devices/*; do
+        [ -f "$d/vendor" ] || continue
+        v=$(cat "$d/vendor"); p=$(cat "$d/device"); c=$(cat "$d/class")
+        id="${v#0x}:${p#0x}"
+        L="$L $id"
+        out "HVMDM-PCI-DEV $(basename "$d") $id class=${c#0x} irq=$(cat "$d/irq" 2>/dev/null) driver=$(basename "$(readlink "$d/driver" 2>/dev/null)" 2>/dev/null)"
+    done
+    out "HVMDM-PCI$L"
+fi
+
+if want disk || want block; then
+    # Probing is asynchronous; wait for the disk when one is expected.
+    if want disk; then
+        i=0
+        while [ ! -b "/dev/$DISK" ] && [ "$i" -lt $((WAIT * 10)) ]; do usleep 100000; i=$((i + 1)); done
+    fi
+fi
+
+if want block; then
+    B=
+    for b in /sys/block/*; do
+        [ -f "$b/size" ] || continue
+        n=$(basename "$b")
+        case "$n" in loop*|ram*) continue ;; esac
+        B="$B $n=$(( $(cat "$b/size") * 512 ))"
+    done
+    out "HVMDM-BLOCK$B"
+fi
+
+if want errors; then
+    dmesg > /tmp/dmesg
+    grep -E 'ACPI Error|ACPI BIOS Error|\[Firmware Bug\]' /tmp/dmesg > /tmp/acpierr || true
+    out "HVMDM-ACPI-ERRORS $(wc -l < /tmp/acpierr)"
+    while read -r l; do out "HVMDM-ACPI-ERROR $l"; done < /tmp/acpierr
+fi
+
+if want disk; then
+    if [ -b "/dev/$DISK" ]; then
+        if [ "$DISKMIB" = 0 ]; then
+            S=$(sha256sum < "/dev/$DISK" | cut -d' ' -f1)
+        else
+            S=$(dd if="/dev/$DISK" bs=1048576 count="$DISKMIB" 2>/dev/null | sha256sum | cut -d' ' -f1)
+        fi
+        out "HVMDM-DISK-SUM $DISK $DISKMIB $S"
+    else
+        out "HVMDM-DISK-SUM $DISK $DISKMIB missing"
+    fi
+fi
+
+out "HVMDM-UPTIME $(cut -d' ' -f1 /proc/uptime)"
+out "HVMDM-DONE"
+sync
+case "$END" in
+    shell) exec setsid cttyhack sh ;;
+    reboot) reboot -f ;;
+    *) poweroff -f ;;
+esac
+# poweroff -f returned: the platform ignored the ACPI sleep request.
+out "HVMDM-POWEROFF-FAILED"
+while :; do sleep 3600; done

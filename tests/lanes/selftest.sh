@@ -1,0 +1,23 @@
+#!/bin/bash
+# selftest.sh: proves the lane-K harness honest. Runs scenarios built to fail one check
+# each (selftest/neg-*.sh) plus scenarios/hvmdm-seabios-ide.sh with selftest/fake-hvmdm.sh
+# (Debian QEMU behind the hvmdm CLI), and requires exactly the expected FAIL lines.
+# Output goes to tests/lanes/out/selftest/. ~3 min on a 2-core machine.
+source "$(dirname "$0")/lib.sh"
+export LANEK_OUT=$OUT/selftest
+export LANEK_NO_CHECK=1
+export HVMDM_BIN=$LANES_DIR/selftest/fake-hvmdm.sh
+rm -rf "$LANEK_OUT"
+ensure_cmd python3 python3
+"$LANES_DIR/run-lane-k.sh" "$LANES_DIR"/selftest/neg-*.sh hvmdm-seabios-ide
+res=$(python3 "$LANES_DIR/check-lane-k.py" "$LANEK_OUT"/neg-*.log "$LANEK_OUT"/hvmdm-seabios-ide.log || true)
+echo "$res"
+got=$(echo "$res" | sed -n 's/^FAIL \([^:]*\).*/\1/p' | sort)
+want=$(sort "$LANES_DIR/selftest/expected-failures")
+if [ "$got" = "$want" ] && echo "$res" | grep -q '^PASS hvmdm-seabios-ide/disk$'; then
+    echo "SELFTEST OK: the checker failed exactly the broken checks"
+else
+    diff <(echo "$want") <(echo "$got") | sed 's/^/  /' >&2 || true
+    echo "SELFTEST FAILED: unexpected check results (diff: < expected, > got)"
+    exit 1
+fi

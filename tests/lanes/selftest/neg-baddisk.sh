@@ -1,0 +1,6 @@
+# Corrupts 7 bytes of the disk copy before boot: disk must FAIL.
+SCENARIO_TIMEOUT=120
+scenario_cmd() {
+    printf corrupt | dd of="$DISK" bs=1 seek=5000000 conv=notrunc 2>/dev/null
+    exec "$VMM_QEMU" -enable-kvm -machine pc -cpu host -m 512M -smp 1 -nodefaults -no-user-config -display none -no-reboot -bios "$SEABIOS" -kernel "$KERNEL" -initrd "$INITRD" -append "$GUEST_APPEND" -serial stdio -chardev file,id=dbg,path="$FW_LOG" -device isa-debugcon,iobase=0x402,chardev=dbg -drive file="$DISK",if=ide,format=raw
+}
