@@ -237,15 +237,23 @@ impl Bus {
 
     /// Guest read of `data.len()` bytes at `addr`. On `Outcome::Done`, `data` holds the value.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Outcome {
-        self.access(Dir::Read, addr, data)
+        self.access(Dir::Read, addr, data, true)
     }
 
     /// Guest write of `data` at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Outcome {
+        if data.is_empty() || data.len() > 8 {
+            warn_limited!(
+                format!("{}-size-{}", self.name, data.len()),
+                "{}: write of size {} at {addr:#x} rejected",
+                self.name,
+                data.len()
+            );
+            return Outcome::Done;
+        }
         let mut buf = [0u8; 8];
-        let n = data.len().min(8);
-        buf[..n].copy_from_slice(&data[..n]);
-        self.access(Dir::Write, addr, &mut buf[..n])
+        buf[..data.len()].copy_from_slice(data);
+        self.access(Dir::Write, addr, &mut buf[..data.len()], true)
     }
 
     /// Read that waits for deferred completion; convenience for tests and simple backends.
@@ -264,7 +272,9 @@ impl Bus {
         }
     }
 
-    fn access(&self, dir: Dir, addr: u64, data: &mut [u8]) -> Outcome {
+    /// `check_valid` is false for the pieces of an access that straddles region boundaries: the
+    /// rules judge whole accesses, and each piece is delivered with the implemented sizes.
+    fn access(&self, dir: Dir, addr: u64, data: &mut [u8], check_valid: bool) -> Outcome {
         let size = data.len();
         if size == 0 || size > 8 {
             warn_limited!(
@@ -285,21 +295,24 @@ impl Bus {
             self.reject(dir, data);
             return Outcome::Done;
         };
+        // `base + len` cannot overflow: insert() refused wrapping regions.
         let end = base + region.len;
-        if addr.checked_add(size as u64).is_none_or(|e| e > end) {
-            // Straddles the region end: hardware would route each byte lane separately.
-            for (i, b) in data.iter_mut().enumerate() {
-                let mut one = [*b];
-                match dir {
-                    Dir::Read => self.read_sync(addr + i as u64, &mut one),
-                    Dir::Write => self.write_sync(addr + i as u64, &one),
+        let in_region = (end - addr).min(size as u64) as usize;
+        if in_region < size {
+            // Straddles the region end: hardware routes each part to whoever decodes it. This
+            // region gets its part (each byte exactly once), the rest is a new access.
+            self.dispatch(&region, base, dir, addr, &mut data[..in_region]);
+            match addr.checked_add(in_region as u64) {
+                Some(next) => {
+                    let out = self.access(dir, next, &mut data[in_region..], false);
+                    Self::finish_sync(out, dir, &mut data[in_region..]);
                 }
-                *b = one[0];
+                None => self.reject(dir, &mut data[in_region..]),
             }
             return Outcome::Done;
         }
         let rules = region.rules;
-        if !rules.is_valid(addr, size) {
+        if check_valid && !rules.is_valid(addr, size) {
             warn_limited!(
                 format!("{}-invalid-{addr:x}-{size}", self.name),
                 "{}: {}-byte {} at {addr:#x} violates the region's access rules {:?}; rejected",
@@ -315,7 +328,16 @@ impl Bus {
         if size >= rules.impl_min as usize && size <= rules.impl_max as usize && addr % size as u64 == 0 {
             return self.call(&region, dir, addr - base, data);
         }
-        // Split / widen.
+        self.dispatch(&region, base, dir, addr, data);
+        Outcome::Done
+    }
+
+    /// Delivers `data` (inside one region) as implemented-size pieces, ascending, waiting for any
+    /// deferred piece: split when wider than implemented, widen when narrower.
+    fn dispatch(&self, region: &Region, base: u64, dir: Dir, addr: u64, data: &mut [u8]) {
+        let rules = region.rules;
+        let size = data.len();
+        let end = base + region.len;
         let mut pos = 0usize;
         while pos < size {
             let a = addr + pos as u64;
@@ -330,7 +352,7 @@ impl Bus {
                 s /= 2;
             }
             if chunk > 0 {
-                let out = self.call(&region, dir, a - base, &mut data[pos..pos + chunk]);
+                let out = self.call(region, dir, a - base, &mut data[pos..pos + chunk]);
                 Self::finish_sync(out, dir, &mut data[pos..pos + chunk]);
                 pos += chunk;
                 continue;
@@ -338,9 +360,9 @@ impl Bus {
             // Widen to impl_min around `a`.
             let w = rules.impl_min as usize;
             let wa = a & !(w as u64 - 1);
-            if wa < base || wa + w as u64 > end {
+            if wa < base || wa.checked_add(w as u64).is_none_or(|e| e > end) {
                 self.reject(dir, &mut data[pos..]);
-                return Outcome::Done;
+                return;
             }
             let skip = (a - wa) as usize;
             let n = (w - skip).min(rem);
@@ -348,14 +370,13 @@ impl Bus {
             if dir == Dir::Write {
                 tmp[skip..skip + n].copy_from_slice(&data[pos..pos + n]);
             }
-            let out = self.call(&region, dir, wa - base, &mut tmp[..w]);
+            let out = self.call(region, dir, wa - base, &mut tmp[..w]);
             Self::finish_sync(out, dir, &mut tmp[..w]);
             if dir == Dir::Read {
                 data[pos..pos + n].copy_from_slice(&tmp[skip..skip + n]);
             }
             pos += n;
         }
-        Outcome::Done
     }
 
     fn finish_sync(out: Outcome, dir: Dir, data: &mut [u8]) {
@@ -520,6 +541,41 @@ mod tests {
         let mut d = [0u8; 4];
         bus.read_sync(0x11e, &mut d);
         assert_eq!(d, [0x2e, 0x2f, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn fuzz_finding_nine_byte_write_is_rejected() {
+        let (bus, p) = setup(AccessRules::new(1, 8, 1, 8));
+        bus.write_sync(0x100, &[1; 9]);
+        assert!(p.lock().unwrap().calls.is_empty());
+    }
+
+    #[test]
+    fn fuzz_finding_straddle_delivers_each_byte_once() {
+        let bus = Bus::new("t");
+        let p = Arc::new(Mutex::new(Probe { calls: vec![], mem: (0..64).collect() }));
+        bus.insert(0x100, 4, AccessRules::new(1, 4, 2, 4), p.clone(), 0).unwrap();
+        let mut d = [0u8; 4];
+        bus.read_sync(0x102, &mut d);
+        assert_eq!(d, [2, 3, 0xff, 0xff]);
+        bus.write_sync(0x102, &[0xa1, 0xa2, 0xa3, 0xa4]);
+        let calls = p.lock().unwrap().calls.clone();
+        assert_eq!(calls, vec![('r', 2, vec![2, 3]), ('w', 2, vec![0xa1, 0xa2])]);
+    }
+
+    #[test]
+    fn fuzz_finding_top_of_address_space_does_not_overflow() {
+        let bus = Bus::new("t");
+        let p = Arc::new(Mutex::new(Probe { calls: vec![], mem: vec![0x5a; 64] }));
+        bus.insert(u64::MAX - 6, 1, AccessRules::new(1, 8, 1, 8).allow_unaligned(), p.clone(), 0).unwrap();
+        let mut d = [0u8; 8];
+        bus.read_sync(u64::MAX - 6, &mut d);
+        assert_eq!(d, [0x5a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let bus = Bus::new("t");
+        bus.insert(u64::MAX - 7, 7, AccessRules::new(1, 8, 8, 8), p.clone(), 0).unwrap();
+        let mut one = [0u8; 1];
+        bus.read_sync(u64::MAX - 7, &mut one);
+        assert_eq!(one, [0xff]);
     }
 
     struct Slow {
