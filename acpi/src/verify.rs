@@ -57,6 +57,17 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    fn empty(firmware: Firmware) -> Self {
+        VerifyReport {
+            firmware,
+            tables: Vec::new(),
+            rsdp_address: None,
+            blobs: Vec::new(),
+            write_pointers: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
     pub fn has(&self, sig: &str) -> bool {
         self.tables.iter().any(|t| t.signature == sig)
     }
@@ -147,14 +158,7 @@ fn fits(value: u64, size: u8) -> bool {
 
 fn seabios(loader: &[u8], files: &dyn Fn(&str) -> Option<Vec<u8>>) -> Result<VerifyReport, VerifyError> {
     let fw = Firmware::SeaBios;
-    let mut report = VerifyReport {
-        firmware: fw,
-        tables: Vec::new(),
-        rsdp_address: None,
-        blobs: Vec::new(),
-        write_pointers: Vec::new(),
-        notes: Vec::new(),
-    };
+    let mut report = VerifyReport::empty(fw);
     let internal = |func: &str, detail: String| {
         format!("WARNING - internal error detected at src/fw/romfile_loader.c ({func}: {detail})")
     };
@@ -488,14 +492,7 @@ fn common_checks(mem: &Mem, report: &VerifyReport) -> Result<(), String> {
 
 fn ovmf(loader: &[u8], files: &dyn Fn(&str) -> Option<Vec<u8>>) -> Result<VerifyReport, VerifyError> {
     let fw = Firmware::Ovmf;
-    let mut report = VerifyReport {
-        firmware: fw,
-        tables: Vec::new(),
-        rsdp_address: None,
-        blobs: Vec::new(),
-        write_pointers: Vec::new(),
-        notes: Vec::new(),
-    };
+    let mut report = VerifyReport::empty(fw);
     let fail =
         |index: Option<usize>, message: String| Err(VerifyError::Loader { firmware: fw, index, message });
     if loader.len() % LOADER_CMD_SIZE != 0 {

@@ -16,4 +16,6 @@ pub mod platform;
 pub mod ratelimit;
 pub mod serial;
 pub mod storage;
+#[cfg(test)]
+mod testutil;
 pub mod topology;

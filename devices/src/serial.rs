@@ -357,17 +357,7 @@ mod tests {
     use crate::irq::{IrqEvent, RecordingIrqSink};
     use std::sync::{Arc, Mutex};
 
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testutil::SharedBuf as Shared;
 
     fn uart() -> (Serial, Arc<RecordingIrqSink>, Shared) {
         let sink = Arc::new(RecordingIrqSink::default());

@@ -225,18 +225,7 @@ mod tests {
     use crate::platform::RecordingPlatform;
     use std::sync::Mutex;
 
-    /// A Write that appends to shared memory, so the test can look at it.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testutil::SharedBuf as Shared;
 
     struct Broken;
     impl Write for Broken {
