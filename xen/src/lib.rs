@@ -1,1 +1,3 @@
 //! Xen backend: libxen FFI, ioreq server, xenstore (later issue; builds and is wired into the layout).
+
+pub mod xenstore;
