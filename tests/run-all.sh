@@ -12,7 +12,7 @@ bash tests/setup.sh
 echo "== unit lane"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace 2>&1 | tee /tmp/hvmdm-unit.log
+HVMDM_REQUIRE_XENSTORED=1 cargo test --workspace 2>&1 | tee /tmp/hvmdm-unit.log
 grep -q "test result: FAILED" /tmp/hvmdm-unit.log && { echo "unit lane failed"; exit 1; }
 
 echo "== fuzz (brief; long runs are by hand, see fuzz/README.md)"
