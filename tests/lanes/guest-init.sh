@@ -7,6 +7,11 @@
 #   hvmdm.wait=SECS    how long to wait for the disk to appear (default: 20)
 #   hvmdm.modules=LIST comma list of extra module names to insmod (must be in the kit)
 #   hvmdm.end=poweroff|reboot|shell (default: poweroff)
+#   hvmdm.reboot=1     reboot once in-process first: when the last sector of hvmdm.disk does not
+#                      hold the reboot mark, write it (fsync, re-read past the page cache), print
+#                      HVMDM-REBOOTING and `reboot -f`; when it does, print HVMDM-REBOOTED and go
+#                      on with the checks. The mark lives in the last MiB, so pair this knob with
+#                      hvmdm.diskmib=15 to checksum only the untouched region.
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
 
@@ -25,6 +30,7 @@ DISKMIB=16
 WAIT=20
 EXTRA=
 END=poweroff
+REBOOT=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         hvmdm.check=*) CHECK=${arg#*=} ;;
@@ -33,6 +39,7 @@ for arg in $(cat /proc/cmdline); do
         hvmdm.wait=*) WAIT=${arg#*=} ;;
         hvmdm.modules=*) EXTRA=${arg#*=} ;;
         hvmdm.end=*) END=${arg#*=} ;;
+        hvmdm.reboot=*) REBOOT=${arg#*=} ;;
     esac
 done
 want() { case ",$CHECK,all," in *",$1,"*|*",all,"*) return 0 ;; esac; return 1; }
@@ -54,6 +61,39 @@ dmesg -n 1
 out "HVMDM-READY $(uname -r)"
 out "HVMDM-CMDLINE $(cat /proc/cmdline)"
 [ -n "$FAILED" ] && out "HVMDM-INSMOD-FAILED$FAILED"
+
+wait_disk() {
+    i=0
+    while [ ! -b "/dev/$DISK" ] && [ "$i" -lt $((WAIT * 10)) ]; do usleep 100000; i=$((i + 1)); done
+}
+
+# One in-process reboot, remembered on the scenario's fresh disk copy (see hvmdm.reboot).
+MARK=HVMDM-REBOOTMARK
+if [ "$REBOOT" = 1 ]; then
+    wait_disk
+    if [ ! -b "/dev/$DISK" ]; then
+        out "HVMDM-REBOOT-NODISK $DISK"
+    else
+        last=$(( $(cat "/sys/block/$DISK/size") - 1 ))
+        readmark() { dd if="/dev/$DISK" bs=512 skip="$last" count=1 2>/dev/null | head -c ${#MARK}; }
+        if [ "$(readmark)" = "$MARK" ]; then
+            out "HVMDM-REBOOTED lba=$last"
+        else
+            echo "$MARK" | dd of="/dev/$DISK" bs=512 seek="$last" count=1 conv=sync,fsync 2>/dev/null
+            sync
+            # Drop the (clean) cached copy so the re-read comes from the device.
+            echo 3 > /proc/sys/vm/drop_caches
+            if [ "$(readmark)" = "$MARK" ]; then
+                out "HVMDM-REBOOTING lba=$last"
+                sync
+                reboot -f
+                out "HVMDM-REBOOT-FAILED reboot -f returned"
+                while :; do sleep 3600; done
+            fi
+            out "HVMDM-REBOOT-MARK-FAILED lba=$last"
+        fi
+    fi
+fi
 
 if want acpi; then
     T=
@@ -79,10 +119,7 @@ fi
 
 if want disk || want block; then
     # Probing is asynchronous; wait for the disk when one is expected.
-    if want disk; then
-        i=0
-        while [ ! -b "/dev/$DISK" ] && [ "$i" -lt $((WAIT * 10)) ]; do usleep 100000; i=$((i + 1)); done
-    fi
+    if want disk; then wait_disk; fi
 fi
 
 if want block; then

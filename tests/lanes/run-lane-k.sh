@@ -12,6 +12,7 @@
 #   HVMDM_BIN=path         hvmdm binary (default: target/release/hvmdm)
 #   LANEK_SMP=N            outer vCPUs (default 1; >1 uses -accel tcg,thread=multi)
 #   LANEK_TIMEOUT=SECS     hard limit for each outer VM boot (default 900)
+#   LANEK_STALL=SECS       kill the outer VM when it used no CPU time for this long (default 60)
 #   LANEK_TOTAL_TIMEOUT=S  hard limit for the whole lane incl. cache builds (default 1200)
 #   LANEK_OUTER_APPEND=... extra outer kernel args (e.g. lanek.kvm_amd=avic=0 lanek.debug=1)
 #   LANEK_NO_CHECK=1       do not run check-lane-k.py
@@ -20,6 +21,7 @@ source "$(dirname "$0")/lib.sh"
 HVMDM_BIN=${HVMDM_BIN:-$REPO_DIR/target/release/hvmdm}
 SMP=${LANEK_SMP:-1}
 BOOT_TIMEOUT=${LANEK_TIMEOUT:-900}
+STALL=${LANEK_STALL:-60}
 TOTAL_TIMEOUT=${LANEK_TOTAL_TIMEOUT:-1200}
 SCEN_DIR=$LANES_DIR/scenarios
 
@@ -53,9 +55,27 @@ meta() { # FILE -> one line of metadata
     ( SCENARIO_TIMEOUT=300 SCENARIO_NEEDS= SCENARIO_DEFAULT=1 SCENARIO_ISOLATE=0
       SCENARIO_CHECKS="markers acpi errors pci disk exit fwlog"
       SCENARIO_PCI="8086:1237 8086:7000 8086:7010 8086:7113" SCENARIO_ACPI="DSDT FACP APIC"
-      SCENARIO_APPEND=
+      SCENARIO_APPEND= SCENARIO_FW_BOOTS=1
       . "$1"
-      echo "timeout=$SCENARIO_TIMEOUT needs=$SCENARIO_NEEDS isolate=$SCENARIO_ISOLATE checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,} acpi=${SCENARIO_ACPI// /,}" )
+      mib=$(echo " $SCENARIO_APPEND " | sed -n 's/.* hvmdm\.diskmib=\([0-9]*\) .*/\1/p')
+      echo "timeout=$SCENARIO_TIMEOUT needs=$SCENARIO_NEEDS isolate=$SCENARIO_ISOLATE checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,} acpi=${SCENARIO_ACPI// /,} diskmib=${mib:-16} fwboots=$SCENARIO_FW_BOOTS" )
+}
+
+# blocked FILE -> "LANEK-BLOCKED <substring>\t<reason>" when the scenario declares a known
+# outer-VM failure (SCENARIO_BLOCKED reason, SCENARIO_BLOCKED_ON text of the outer QEMU's stderr).
+blocked() {
+    ( SCENARIO_BLOCKED= SCENARIO_BLOCKED_ON=
+      . "$1"
+      [ -z "$SCENARIO_BLOCKED" ] || printf 'LANEK-BLOCKED %s\t%s\n' "$SCENARIO_BLOCKED_ON" "$SCENARIO_BLOCKED" )
+}
+
+# disk_expect MIB -> the expected HVMDM-DISK-SUM checksum of the kit disk's first MIB MiB
+# (16 or 0 = the whole disk, checksum cached by the kit).
+disk_expect() {
+    case "$1" in
+        0|16) cat "$KIT/disk.img.sha256" ;;
+        *) head -c $(($1 * 1048576)) "$KIT/disk.img" | sha256sum | cut -d' ' -f1 ;;
+    esac
 }
 
 names=()
@@ -121,16 +141,45 @@ run_batch() {
     build_initrd "$initrd" "$@"
     log "$b: booting outer VM (smp=$SMP) for: $*"
     local t0; t0=$(now)
+    local pidf=$OUT/$b.pid rcf=$OUT/$b.rc
+    rm -f "$pidf" "$rcf"
+    : > "$console"
     set +e
-    timeout -s KILL "$BOOT_TIMEOUT" qemu-system-x86_64 -accel "$accel" -cpu max -m 4096 -smp "$SMP" \
-        -nodefaults -no-user-config -display none -no-reboot -serial stdio \
+    { timeout -s KILL "$BOOT_TIMEOUT" qemu-system-x86_64 -accel "$accel" -cpu max -m 4096 -smp "$SMP" \
+        -nodefaults -no-user-config -display none -no-reboot -serial stdio -pidfile "$pidf" \
         -kernel "$L/vmlinuz" -initrd "$initrd" \
         -append "console=ttyS0 rdinit=/init loglevel=4 panic=1 ${LANEK_OUTER_APPEND:-}" \
-        < /dev/null 2> "$stderr" | tr -d '\r' | tee "$console" | grep --line-buffered -v '^LANEK-LOG ' >&2
-    local qrc=${PIPESTATUS[0]}
+        < /dev/null 2> "$stderr"; echo $? > "$rcf"; } |
+        stdbuf -oL tr -d '\r' | tee "$console" | grep --line-buffered -v '^LANEK-LOG ' >&2 &
+    local pipe=$!
+    # The outer TCG QEMU has been seen to freeze (its vCPU halted for good, no wake-up by any
+    # timer): after STALL seconds in which it used (almost) no CPU time, kill it; the running
+    # scenario is then recorded as outer-died and the rest are retried in a fresh outer VM.
+    # An outer VM that is merely waiting still burns some CPU on timer ticks.
+    local cpu=-1 idle=0 cur qpid
+    while kill -0 "$pipe" 2>/dev/null; do
+        sleep 5
+        qpid=$(cat "$pidf" 2>/dev/null || true)
+        [ -n "$qpid" ] || continue
+        cur=$(awk '{ print $14 + $15 }' "/proc/$qpid/stat" 2>/dev/null || echo -1)
+        if [ "$cpu" -ge 0 ] && [ "$cur" -ge 0 ] && [ $((cur - cpu)) -le 1 ]; then
+            idle=$((idle + 5))
+        else
+            idle=0
+            cpu=$cur
+        fi
+        if [ "$idle" -ge "$STALL" ]; then
+            echo "lanek: outer VM frozen: no CPU time used for $STALL s; killed" >> "$stderr"
+            log "$b: outer VM frozen (no CPU time for $STALL s): killing it"
+            kill -KILL "$qpid" 2>/dev/null || true
+            idle=0
+        fi
+    done
+    wait "$pipe"
+    local qrc; qrc=$(cat "$rcf" 2>/dev/null || echo 255)
     set -e
     local wall; wall=$(elapsed "$t0")
-    rm -f "$initrd"
+    rm -f "$initrd" "$pidf" "$rcf"
     local kvm boot done_at
     kvm=$(awk '$1 == "LANEK-KVM" { print $2 "@" $3 "s"; exit }' "$console")
     done_at=$(awk '$1 == "LANEK-ALL-DONE" { print $2; exit }' "$console")
@@ -146,8 +195,12 @@ run_batch() {
             continue
         fi
         {
-            echo "LANEK-META name=$n $(meta "${FILE_OF[$n]}") batch=$b outer_smp=$SMP"
-            echo "LANEK-EXPECT disk-sha256 $(cat "$KIT/disk.img.sha256")"
+            local m; m=$(meta "${FILE_OF[$n]}")
+            echo "LANEK-META name=$n $m batch=$b outer_smp=$SMP"
+            blocked "${FILE_OF[$n]}"
+            local mib=${m##* diskmib=}; mib=${mib%% *}
+            echo "LANEK-EXPECT disk-sha256 $(disk_expect "$mib")"
+            echo "LANEK-EXPECT disk-mib $mib"
             awk -v n="$n" '$1 == "LANEK-LOG" && $2 == n { s = $3; sub(/^LANEK-LOG [^ ]+ [^ ]+ ?/, ""); print s "| " $0 }' "$console"
             if [ -n "$result" ]; then
                 echo "$result"
@@ -157,8 +210,10 @@ run_batch() {
                 tail -n 40 "$console" | sed 's/^/outer| /'
             fi
         } > "$OUT/$n.log"
-        [ -n "$result" ] && echo "  $result" >> "$SUMMARY"
+        if [ -n "$result" ]; then echo "  $result" >> "$SUMMARY"; fi
     done
+    # (Without this, a last scenario without a result made the function fail under set -e.)
+    return 0
 }
 
 pending=("${shared[@]}")

@@ -4,6 +4,10 @@
 SCENARIO_TIMEOUT=300
 SCENARIO_NEEDS=hvmdm
 SCENARIO_ISOLATE=1
+# Until the outer QEMU is fixed, that abort is reported as BLOCKED (counted as skipped, not
+# passed); any other failure of this scenario still FAILs.
+SCENARIO_BLOCKED="outer TCG QEMU abort"
+SCENARIO_BLOCKED_ON="tcg_handle_interrupt: assertion failed"
 SCENARIO_APPEND="hvmdm.check=all"
 scenario_cmd() {
     exec "$VMM_HVMDM" kvm --firmware ovmf --memory 512M --smp 2 \
