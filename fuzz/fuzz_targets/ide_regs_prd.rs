@@ -557,10 +557,10 @@ impl Rig {
             }
         } else if known_idle {
             self.windows[unit].clear();
-            if opcode == cmd::EXECUTE_DEVICE_DIAGNOSTIC && hvmdm_fuzz::open_findings() {
-                // Both devices post their signature: nothing may be pending on either. Open
-                // finding 6 (README): a DMA command queued on the other drive survives and runs
-                // at the next bus-master start, so by default its window is kept.
+            if opcode == cmd::EXECUTE_DEVICE_DIAGNOSTIC {
+                // Both devices post their signature: nothing may be pending on either (finding 6,
+                // fixed: a DMA command queued on the other drive used to survive and run at the
+                // next bus-master start).
                 self.windows = Default::default();
             }
         }

@@ -345,9 +345,12 @@ impl Channel {
                 self.raise_irq();
             }
             Ok(AtaAction::Diagnostic) => {
+                // Resets both devices: nothing queued on the channel survives it (fuzz finding 6:
+                // a DMA job armed before the diagnostic must not run when the engine starts).
                 for dr in &mut self.drives {
                     dr.post_signature();
                 }
+                self.dma = None;
                 self.raise_irq();
             }
             Ok(AtaAction::Transfer(x)) if x.dma => {
@@ -1044,6 +1047,35 @@ mod tests {
         r.mem.read(0x40000, &mut m).unwrap();
         assert_eq!(m, img[100 * 512..228 * 512]);
         assert_eq!(r.inb(0x1f7), 0x50);
+    }
+
+    #[test]
+    fn diagnostic_drops_a_queued_dma_job() {
+        // Fuzz finding 6: WRITE DMA queued on the master, then EXECUTE DEVICE DIAGNOSTIC through
+        // the slave; starting the engine afterwards must not run the stale write.
+        let r = Rig::with_disk(MemImage::new(vec![0; 64 * SECTOR_SIZE], false));
+        r.ctrl
+            .lock()
+            .unwrap()
+            .attach(0, 1, Box::new(MemImage::new(vec![0; 8 * SECTOR_SIZE], false)), DriveKind::Disk)
+            .unwrap();
+        r.mem.write(0x1000, &[0xee; SECTOR_SIZE]).unwrap();
+        r.write_prd(0x100, &[(0x1000, 512, true)]);
+        r.outl(BM + 4, 0x100);
+        r.lba28(cmd::WRITE_DMA, 5, 1);
+        assert_eq!(r.inb(0x1f7), 0x58);
+        r.outb(0x1f6, 0xb0);
+        r.outb(0x1f7, cmd::EXECUTE_DEVICE_DIAGNOSTIC);
+        r.outb(0x1f6, 0xa0);
+        assert_eq!(r.inb(0x1f7), 0x50);
+        r.outb(BM, BM_CMD_START);
+        let mut sector = vec![0u8; SECTOR_SIZE];
+        r.outb(BM, 0);
+        r.lba28(cmd::READ_SECTORS, 5, 1);
+        for chunk in sector.chunks_mut(2) {
+            chunk.copy_from_slice(&r.inw(0x1f0).to_le_bytes());
+        }
+        assert_eq!(sector, vec![0u8; SECTOR_SIZE], "the stale DMA write reached the disk");
     }
 
     #[test]
