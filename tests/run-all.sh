@@ -4,7 +4,7 @@
 #   2. unit lane: cargo fmt --check, clippy -D warnings, cargo test (every crate), brief fuzzing
 #   3. lane K: real SeaBIOS/OVMF + Debian Linux guests on real KVM nested in a TCG VM
 #      (tests/lanes/run-lane-k.sh builds and caches the guest kit and the outer VM)
-# The last line is the lane-K checker's "N passed, M failed" summary.
+# The last line is the lane-K checker's "N passed, M failed, K skipped" summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
