@@ -8,6 +8,7 @@
 #                Xen toolstack, qemu-system-xen, syslinux/mtools, and the kernel's Xen/bridge/tun/
 #                loop modules (uncompressed, depmod'ed). No /init: run-lane-x.sh appends an overlay.
 #   KEY          versions + script hash the build was made from
+#   dom0.files   the root fs listing (run-lane-x.sh adds only the hvmdm libraries dom0 lacks)
 #   XEN_VERSION  the Debian version of the hypervisor and tools actually packed (the same)
 # Prints the directory on stdout. Idempotent: does nothing when KEY is unchanged.
 # debootstrap's downloaded packages are kept in cache/debootstrap-debs (--cache-dir) so a
@@ -38,7 +39,7 @@ key="xen-candidate=${xver##*:} kernel=$kver/$LANEK_KPKG_VER include=$INCLUDE scr
 
 D=$XCACHE/dom0
 mkdir -p "$D"
-if [ -f "$D/KEY" ] && [ "$(cat "$D/KEY")" = "$key" ] && [ -f "$D/xen" ] && [ -f "$D/vmlinuz" ] && [ -f "$D/dom0.cpio" ]; then
+if [ -f "$D/KEY" ] && [ "$(cat "$D/KEY")" = "$key" ] && [ -f "$D/xen" ] && [ -f "$D/vmlinuz" ] && [ -f "$D/dom0.cpio" ] && [ -f "$D/dom0.files" ]; then
     log "dom0 cache up to date ($key)"
     echo "$D"
     exit 0
@@ -111,6 +112,7 @@ echo dom0 > "$root/etc/hostname"
 printf 'autoballoon="off"\n' > "$root/etc/xen/xl.conf"
 
 t1=$(now)
+(cd "$root" && find . -mindepth 1 | sed 's,^\./,,' | LC_ALL=C sort) > "$D/dom0.files"
 mkcpio "$root" "$D/dom0.cpio.tmp"
 mv "$D/dom0.cpio.tmp" "$D/dom0.cpio"
 log "dom0.cpio $(( $(stat -c %s "$D/dom0.cpio") / 1048576 )) MB packed in $(elapsed "$t1") s"

@@ -199,7 +199,8 @@ def check(path, report, info):
                 ok, why = False, alive[0]
         report("PASS" if ok else "FAIL", name, c, why)
 
-    pcidev = [l for l in dmesg if re.search(r"Found \d+ PCI devices", l)]
+    dom = re.compile(r"\(d%s\) " % (domid or r"\d+"))
+    pcidev = [l for l in st.get("xl-dmesg", []) if dom.search(l) and re.search(PCI_FOUND_RE, l)]
     h = d["host"]
     info(name, "toolstack %ss after QEMU start, xl create -p %ss, marker %ss after unpause, domain gone %ss "
          "after marker, dm peak RSS %s kB, scenario wall %ss, outer wall %s%s"

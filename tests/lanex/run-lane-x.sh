@@ -85,8 +85,16 @@ install -m 0755 "$LANEX_DIR/dom0-init.sh" "$ov/init"
 install -m 0755 "$LANEX_DIR/scenario.sh" "$ov/lanex/scenario.sh"
 cp "$IMG" "$ov/lanex/boot.img"
 if [ "$need_hvmdm" = 1 ]; then
-    copy_with_libs "$HVMDM_BIN" "$ov"
-    mv "$ov/$HVMDM_BIN" "$ov/lanex/bin/hvmdm"
+    # Only libraries dom0 lacks: the host's copies (e.g. a newer libxen* security build) must not
+    # replace the ones dom0's toolstack was installed with.
+    install -m 0755 "$HVMDM_BIN" "$ov/lanex/bin/hvmdm"
+    for lib in $(ldd "$HVMDM_BIN" 2>/dev/null | awk '/=> \// { print $3 } /^\t\// { print $1 }'); do
+        rel=${lib#/}; rel=${rel#usr/}
+        grep -qxF -e "usr/$rel" -e "$rel" "$D/dom0.files" && continue
+        mkdir -p "$ov/$(dirname "$lib")"
+        cp -L "$lib" "$ov/$lib"
+        log "hvmdm: adding $lib (not in dom0)"
+    done
 fi
 
 console=$XOUT/console.log
