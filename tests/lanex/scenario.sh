@@ -29,6 +29,13 @@ VMM_HVMDM=/lanex/bin/hvmdm
 DM=$(eval echo "$SCENARIO_DM")
 
 up() { cut -d' ' -f1 /proc/uptime; }
+# dom_exists DOMID: the domain's xenstore home or xl still knows it. Two sources, because a
+# single `xl domid` has been seen to fail once mid-run while the domain was alive.
+dom_exists() {
+    timeout 20 xenstore-read "/local/domain/$1/name" > /dev/null 2>&1 && return 0
+    timeout 20 "$XL" list "$1" > "$dir/xl-list.out" 2>&1 && return 0
+    return 1
+}
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }'; }
 emit() { # STREAM < lines
     tr -d '\r' | sed "s|^|LANEX-LOG $name $1 |"
@@ -84,9 +91,8 @@ if [ "$create_rc" = 0 ] && [ -n "$domid" ]; then
     tu=$(up)
     timeout 60 "$XL" unpause "$GUEST" 2>&1 | emit step
     step "unpaused domain $domid at $(up) (dm pid ${dmpid:-?})"
-    i=0
-    limit=$((SCENARIO_GUEST_TIMEOUT * 2))
-    while [ "$i" -lt "$limit" ]; do
+    deadline=$(awk -v a="$tu" -v t="$SCENARIO_GUEST_TIMEOUT" 'BEGIN { print int(a + t) }')
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ]; do
         if grep -aq 'HVMDM-DONE' "$dir/serial.log" 2>/dev/null; then
             marker=1
             marker_s=$(since "$tu")
@@ -97,9 +103,14 @@ if [ "$create_rc" = 0 ] && [ -n "$domid" ]; then
             r=$(awk '/^VmHWM:/ { print $2 }' "/proc/$dmpid/status" 2>/dev/null)
             [ -n "$r" ] && rss=$r
         fi
-        timeout 10 "$XL" domid "$GUEST" > /dev/null 2>&1 || { step "domain vanished before HVMDM-DONE"; break; }
+        if ! dom_exists "$domid"; then
+            sleep 1
+            if ! dom_exists "$domid"; then
+                step "domain $domid vanished before HVMDM-DONE ($(tr '\n' ' ' < "$dir/xl-list.out"))"
+                break
+            fi
+        fi
         sleep 0.5
-        i=$((i + 1))
     done
     [ "$marker" = 1 ] && step "HVMDM-DONE ${marker_s}s after unpause" || step "no HVMDM-DONE (waited $(since "$tu")s)"
     if [ -n "$dmpid" ]; then
@@ -108,15 +119,14 @@ if [ "$create_rc" = 0 ] && [ -n "$domid" ]; then
     fi
     # The guest powers itself off after HVMDM-DONE; xl's background process destroys the domain.
     tg=$(up)
-    i=0
-    while [ "$i" -lt $((SCENARIO_GONE_TIMEOUT * 2)) ]; do
-        if ! timeout 10 "$XL" domid "$GUEST" > /dev/null 2>&1; then
+    deadline=$(awk -v a="$tg" -v t="$SCENARIO_GONE_TIMEOUT" 'BEGIN { print int(a + t) }')
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ]; do
+        if ! dom_exists "$domid"; then
             gone=1
             gone_s=$(since "$tg")
             break
         fi
         sleep 0.5
-        i=$((i + 1))
     done
     step "domain gone=$gone after ${gone_s:-$(since "$tg")}s"
     if [ "$gone" = 0 ]; then
