@@ -111,6 +111,13 @@ impl FakeXen {
         self.log.push(call);
     }
 
+    /// `check(op)`, then records `call` on success: the shape of most fake operations.
+    fn checked(&self, op: &'static str, call: FakeCall) -> Result<(), XenError> {
+        self.check(op)?;
+        self.record(call);
+        Ok(())
+    }
+
     /// Fails with `errno` if a failure was armed for `op`.
     fn check(&self, op: &'static str) -> Result<(), XenError> {
         let mut st = self.st();
@@ -246,9 +253,7 @@ impl DeviceModelOps for FakeXen {
         start: u64,
         end: u64,
     ) -> Result<(), XenError> {
-        self.check("map_io_range")?;
-        self.record(FakeCall::MapIoRange { is_mmio, start, end });
-        Ok(())
+        self.checked("map_io_range", FakeCall::MapIoRange { is_mmio, start, end })
     }
     fn unmap_io_range(
         &self,
@@ -258,19 +263,13 @@ impl DeviceModelOps for FakeXen {
         start: u64,
         end: u64,
     ) -> Result<(), XenError> {
-        self.check("unmap_io_range")?;
-        self.record(FakeCall::UnmapIoRange { is_mmio, start, end });
-        Ok(())
+        self.checked("unmap_io_range", FakeCall::UnmapIoRange { is_mmio, start, end })
     }
     fn map_pcidev(&self, _: Domid, _: IoservId, sbdf: PciSbdf) -> Result<(), XenError> {
-        self.check("map_pcidev")?;
-        self.record(FakeCall::MapPcidev(sbdf));
-        Ok(())
+        self.checked("map_pcidev", FakeCall::MapPcidev(sbdf))
     }
     fn unmap_pcidev(&self, _: Domid, _: IoservId, sbdf: PciSbdf) -> Result<(), XenError> {
-        self.check("unmap_pcidev")?;
-        self.record(FakeCall::UnmapPcidev(sbdf));
-        Ok(())
+        self.checked("unmap_pcidev", FakeCall::UnmapPcidev(sbdf))
     }
     fn set_ioreq_server_state(&self, _: Domid, id: IoservId, enabled: bool) -> Result<(), XenError> {
         self.check("set_ioreq_server_state")?;
@@ -289,48 +288,32 @@ impl DeviceModelOps for FakeXen {
         Ok(())
     }
     fn destroy_ioreq_server(&self, _: Domid, id: IoservId) -> Result<(), XenError> {
-        self.check("destroy_ioreq_server")?;
-        self.record(FakeCall::Destroy { id });
-        Ok(())
+        self.checked("destroy_ioreq_server", FakeCall::Destroy { id })
     }
     fn set_pci_intx_level(&self, _: Domid, sbdf: PciSbdf, intx: u8, level: bool) -> Result<(), XenError> {
-        self.check("set_pci_intx_level")?;
-        self.record(FakeCall::PciIntx { sbdf, intx, level });
-        Ok(())
+        self.checked("set_pci_intx_level", FakeCall::PciIntx { sbdf, intx, level })
     }
     fn set_isa_irq_level(&self, _: Domid, irq: u8, level: bool) -> Result<(), XenError> {
-        self.check("set_isa_irq_level")?;
-        self.record(FakeCall::IsaIrq { irq, level });
-        Ok(())
+        self.checked("set_isa_irq_level", FakeCall::IsaIrq { irq, level })
     }
     fn set_pci_link_route(&self, _: Domid, link: u8, irq: u8) -> Result<(), XenError> {
-        self.check("set_pci_link_route")?;
-        self.record(FakeCall::LinkRoute { link, irq });
-        Ok(())
+        self.checked("set_pci_link_route", FakeCall::LinkRoute { link, irq })
     }
     fn inject_msi(&self, _: Domid, addr: u64, data: u32) -> Result<(), XenError> {
-        self.check("inject_msi")?;
-        self.record(FakeCall::Msi { addr, data });
-        Ok(())
+        self.checked("inject_msi", FakeCall::Msi { addr, data })
     }
     fn modified_memory(&self, _: Domid, first_pfn: u64, nr: u32) -> Result<(), XenError> {
-        self.check("modified_memory")?;
-        self.record(FakeCall::ModifiedMemory { first_pfn, nr });
-        Ok(())
+        self.checked("modified_memory", FakeCall::ModifiedMemory { first_pfn, nr })
     }
     fn shutdown(&self, _: Domid, reason: ShutdownReason) -> Result<(), XenError> {
-        self.check("shutdown")?;
-        self.record(FakeCall::Shutdown(reason));
-        Ok(())
+        self.checked("shutdown", FakeCall::Shutdown(reason))
     }
     fn nr_vcpus(&self, _: Domid) -> Result<u32, XenError> {
         self.check("nr_vcpus")?;
         Ok(self.nr_vcpus)
     }
     fn restrict(&self, _: Domid) -> Result<(), XenError> {
-        self.check("restrict")?;
-        self.record(FakeCall::Restrict("devicemodel"));
-        Ok(())
+        self.checked("restrict", FakeCall::Restrict("devicemodel"))
     }
 }
 
@@ -360,26 +343,20 @@ impl EventChannels for FakeXen {
         }
     }
     fn notify(&self, port: EvtchnPort) -> Result<(), XenError> {
-        self.check("notify")?;
-        self.record(FakeCall::Notify(port));
-        Ok(())
+        self.checked("notify", FakeCall::Notify(port))
     }
     fn pending(&self) -> Result<Option<EvtchnPort>, XenError> {
         self.check("pending")?;
         Ok(self.st().pending.pop_front())
     }
     fn unmask(&self, port: EvtchnPort) -> Result<(), XenError> {
-        self.check("unmask")?;
-        self.record(FakeCall::Unmask(port));
-        Ok(())
+        self.checked("unmask", FakeCall::Unmask(port))
     }
     fn fd(&self) -> RawFd {
         -1
     }
     fn restrict(&self, _: Domid) -> Result<(), XenError> {
-        self.check("evtchn_restrict")?;
-        self.record(FakeCall::Restrict("evtchn"));
-        Ok(())
+        self.checked("evtchn_restrict", FakeCall::Restrict("evtchn"))
     }
 }
 
@@ -503,9 +480,7 @@ impl ForeignMemory for FakeXen {
     }
 
     fn restrict(&self, _: Domid) -> Result<(), XenError> {
-        self.check("fmem_restrict")?;
-        self.record(FakeCall::Restrict("foreignmemory"));
-        Ok(())
+        self.checked("fmem_restrict", FakeCall::Restrict("foreignmemory"))
     }
 }
 
