@@ -11,9 +11,13 @@ pub mod evtchn;
 pub mod fake;
 pub mod foreign;
 pub mod ioreq;
+pub mod mapcache;
+pub mod platform;
 pub mod server;
 pub mod sys;
 pub mod xenstore;
 
 pub use error::XenError;
+pub use mapcache::{MapCache, MapCacheStats};
+pub use platform::{XenIrq, XenPlatform};
 pub use server::{EventOutcome, IoreqServer};
