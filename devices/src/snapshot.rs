@@ -153,6 +153,9 @@ impl SectionWriter {
     pub fn len(&self) -> usize {
         self.buf.len()
     }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
@@ -264,7 +267,10 @@ impl PendingState {
     }
     /// The state as `T`; a state of another device type is a [`SnapshotError::BadValue`].
     pub fn downcast<T: Any>(self, section: &str) -> Result<T, SnapshotError> {
-        self.0.downcast::<T>().map(|b| *b).map_err(|_| SnapshotError::bad(section, "state of another device type"))
+        self.0
+            .downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| SnapshotError::bad(section, "state of another device type"))
     }
 }
 
@@ -492,7 +498,11 @@ impl<'a> StreamReader<'a> {
             return Err(SnapshotError::UnsupportedVersion(version));
         }
         if data.len() > MAX_STREAM_LEN {
-            return Err(SnapshotError::TooLarge { what: "stream".into(), len: data.len(), max: MAX_STREAM_LEN });
+            return Err(SnapshotError::TooLarge {
+                what: "stream".into(),
+                len: data.len(),
+                max: MAX_STREAM_LEN,
+            });
         }
         let (body, tail) = data.split_at(data.len() - CRC_LEN);
         let stored = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
@@ -503,7 +513,11 @@ impl<'a> StreamReader<'a> {
         let mut c = Cursor { data: body, pos: HEADER_LEN };
         let count = u32::from_le_bytes([data[12], data[13], data[14], data[15]]) as usize;
         if count > MAX_SECTIONS {
-            return Err(SnapshotError::TooLarge { what: "section count".into(), len: count, max: MAX_SECTIONS });
+            return Err(SnapshotError::TooLarge {
+                what: "section count".into(),
+                len: count,
+                max: MAX_SECTIONS,
+            });
         }
         let mut sections = BTreeMap::new();
         for i in 0..count {
@@ -527,7 +541,10 @@ impl<'a> StreamReader<'a> {
             }
         }
         if c.pos != body.len() {
-            return Err(SnapshotError::TrailingData { section: "<stream>".into(), extra: body.len() - c.pos });
+            return Err(SnapshotError::TrailingData {
+                section: "<stream>".into(),
+                extra: body.len() - c.pos,
+            });
         }
         Ok(StreamReader { sections })
     }
@@ -597,6 +614,37 @@ pub fn read_stream(r: &mut dyn Read) -> Result<Vec<u8>, SnapshotError> {
         return Err(SnapshotError::TooLarge { what: "stream".into(), len: n, max: MAX_STREAM_LEN });
     }
     Ok(buf)
+}
+
+/// Helpers for device round-trip tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// The payload `dev` saves.
+    pub fn payload(dev: &dyn Snapshot) -> Vec<u8> {
+        let mut w = SectionWriter::new();
+        dev.save(&mut w);
+        w.buf
+    }
+
+    /// Loads a version-`dev.section_version()` payload into `dev`, requiring it all consumed.
+    pub fn load(dev: &mut dyn Snapshot, payload: &[u8]) -> Result<(), SnapshotError> {
+        let name = dev.section();
+        let mut r = SectionReader::new(name, payload);
+        let st = dev.decode(dev.section_version(), &mut r)?;
+        r.finish()?;
+        dev.apply(st)
+    }
+
+    /// Every strict prefix of `payload` must fail to decode (and never panic).
+    pub fn assert_prefixes_fail(dev: &dyn Snapshot, payload: &[u8]) {
+        for n in 0..payload.len() {
+            let mut r = SectionReader::new(dev.section(), &payload[..n]);
+            let ok = dev.decode(dev.section_version(), &mut r).is_ok() && r.finish().is_ok();
+            assert!(!ok, "prefix of {n} bytes decoded");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -779,7 +827,10 @@ mod tests {
         let mut w = StreamWriter::new();
         w.add_section("toy", 2, &[0; 8]).unwrap();
         w.add("toy.1", &Toy::default()).unwrap();
-        assert!(matches!(restore_err(&w.finish()), SnapshotError::UnsupportedSectionVersion { version: 2, .. }));
+        assert!(matches!(
+            restore_err(&w.finish()),
+            SnapshotError::UnsupportedSectionVersion { version: 2, .. }
+        ));
         // A device-level validation failure in the second section leaves the first untouched.
         let mut w = StreamWriter::new();
         w.add("toy", &Toy { reg: 1, buf: vec![] }).unwrap();
@@ -809,10 +860,7 @@ mod tests {
         assert!(matches!(r.get_bool(), Err(SnapshotError::BadValue { .. })));
         assert!(matches!(r.get_u8(), Err(SnapshotError::Truncated(_))));
         r.finish().unwrap();
-        assert!(matches!(
-            PendingState::new(5u8).downcast::<u16>("t"),
-            Err(SnapshotError::BadValue { .. })
-        ));
+        assert!(matches!(PendingState::new(5u8).downcast::<u16>("t"), Err(SnapshotError::BadValue { .. })));
     }
 
     #[test]
