@@ -15,6 +15,7 @@ pub mod pci;
 pub mod platform;
 pub mod ratelimit;
 pub mod serial;
+pub mod snapshot;
 pub mod storage;
 #[cfg(test)]
 mod testutil;

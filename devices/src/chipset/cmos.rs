@@ -18,6 +18,7 @@ use std::time::Duration;
 use super::{host_wall_clock, ChipsetError, ClockFn};
 use crate::bus::{AccessRules, IoResult, RegionId};
 use crate::irq::IsaIrq;
+use crate::snapshot::{check_version, PendingState, SectionReader, SectionWriter, Snapshot, SnapshotError};
 use crate::warn_limited;
 
 const REG_SEC: usize = 0x00;
@@ -639,6 +640,60 @@ impl crate::bus::BusDevice for Cmos {
     }
 }
 
+/// Saved CMOS state (section "cmos", version 1): the 128 bytes (NVRAM and RTC registers as
+/// stored), the index latch, and the guest's RTC offset from the host wall clock. The clock itself
+/// is not saved: after restore the RTC keeps the same offset from host UTC, so the guest sees the
+/// wall-clock time that passed while it was saved (like QEMU's `-rtc base=utc,clock=host`).
+/// Tick bookkeeping restarts; the IRQ 8 level follows REG_C.IRQF.
+struct CmosState {
+    data: [u8; 128],
+    index: u8,
+    offset: i64,
+}
+
+impl Snapshot for Cmos {
+    fn section(&self) -> &'static str {
+        "cmos"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        w.put_bool(self.xen);
+        w.put_raw(&self.data);
+        w.put_u8(self.index);
+        w.put_i64(self.offset);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        check_version(r, version, 1)?;
+        let xen = r.get_bool()?;
+        let data = r.get_array::<128>()?;
+        let index = r.get_u8()?;
+        let offset = r.get_i64()?;
+        if xen != self.xen {
+            return Err(r.bad("saved in the other RTC mode (Xen vs. emulated)"));
+        }
+        if index > 0x7f {
+            return Err(r.bad(format!("index {index:#x}")));
+        }
+        // Keeps now() + offset far from overflow (±1e15 s is ±30 million years).
+        if !(-1_000_000_000_000_000..=1_000_000_000_000_000).contains(&offset) {
+            return Err(r.bad(format!("RTC offset {offset}")));
+        }
+        Ok(PendingState::new(CmosState { data, index, offset }))
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        let st: CmosState = state.downcast(self.section())?;
+        self.data = st.data;
+        self.index = st.index;
+        self.offset = st.offset;
+        self.last_sec = None;
+        self.last_period = None;
+        self.update_irq();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -953,5 +1008,80 @@ mod tests {
         let h = Cmos::spawn_ticker(&c).unwrap();
         drop(c);
         h.join().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::chipset::test_util::FakeClock;
+    use crate::irq::RecordingIrqSink;
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+    fn dev(clock: &FakeClock, sink: &Arc<RecordingIrqSink>, xen: bool) -> Cmos {
+        let cfg = CmosConfig { ram_below_4g: 256 << 20, xen, ..Default::default() };
+        Cmos::with_clock(&cfg, Some(IsaIrq::new(sink.clone(), 8)), clock.clock()).unwrap()
+    }
+    fn rd(c: &mut Cmos, reg: u8) -> u8 {
+        c.write(0, 0, &[reg]);
+        let mut d = [0u8];
+        c.read(0, 1, &mut d);
+        d[0]
+    }
+    fn wr(c: &mut Cmos, reg: u8, v: u8) {
+        c.write(0, 0, &[reg]);
+        c.write(0, 1, &[v]);
+    }
+
+    #[test]
+    fn roundtrip_nvram_time_offset_and_irq() {
+        let clock = FakeClock::at(Duration::from_secs(1_000_000));
+        let sink = Arc::new(RecordingIrqSink::default());
+        let mut a = dev(&clock, &sink, false);
+        wr(&mut a, 0x40, 0x5a);
+        wr(&mut a, REG_B as u8, 0x02 | 0x04); // 24h, binary
+        wr(&mut a, REG_HOUR as u8, 13); // guest sets its own time
+        wr(&mut a, REG_B as u8, 0x02 | 0x04 | B_UIE);
+        clock.advance(Duration::from_secs(1));
+        a.tick();
+        clock.advance(Duration::from_secs(1));
+        a.tick();
+        assert!(sink.isa_level(8));
+        a.write(0, 0, &[0x40]);
+        let blob = payload(&a);
+
+        let sink2 = Arc::new(RecordingIrqSink::default());
+        let mut b = dev(&clock, &sink2, false);
+        load(&mut b, &blob).unwrap();
+        assert!(sink2.isa_level(8), "pending RTC interrupt re-asserted");
+        // Index latch restored: a data read hits 0x40.
+        let mut d = [0u8];
+        b.read(0, 1, &mut d);
+        assert_eq!(d[0], 0x5a);
+        assert_eq!(rd(&mut b, REG_HOUR as u8), 13);
+        assert_eq!(b.offset_seconds(), a.offset_seconds());
+        assert_eq!(rd(&mut b, REG_C as u8) & (C_IRQF | C_UF), C_IRQF | C_UF);
+        assert!(!sink2.isa_level(8));
+    }
+
+    #[test]
+    fn bad_payloads() {
+        let clock = FakeClock::default();
+        let sink = Arc::new(RecordingIrqSink::default());
+        let a = dev(&clock, &sink, false);
+        let good = payload(&a);
+        let mut b = dev(&clock, &sink, false);
+        b.set_nvram(0x40, 0x11);
+        assert_prefixes_fail(&b, &good);
+        let mut bad = good.clone();
+        bad[129] = 0x80; // index
+        assert!(load(&mut b, &bad).is_err());
+        let mut bad = good.clone();
+        bad[130..138].copy_from_slice(&i64::MIN.to_le_bytes());
+        assert!(load(&mut b, &bad).is_err());
+        let mut x = dev(&clock, &sink, true);
+        assert!(load(&mut x, &good).is_err(), "xen mode mismatch");
+        assert_eq!(b.nvram(0x40), 0x11);
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::bus::{AccessRules, IoResult, RegionId};
 use crate::irq::IsaIrq;
 use crate::platform::{PlatformControl, SystemEvent};
+use crate::snapshot::{check_version, PendingState, SectionReader, SectionWriter, Snapshot, SnapshotError};
 use crate::warn_limited;
 
 // Status register.
@@ -543,6 +544,170 @@ impl crate::bus::BusDevice for I8042 {
     }
 }
 
+// ---- save/restore: section "i8042", version 1 ----
+
+/// Everything but the IRQ/platform bindings. IRQ 1/12 levels are recomputed and driven on
+/// restore; restoring an output port with the reset line low does not reset the machine.
+struct I8042State {
+    ram: [u8; 32],
+    status: u8,
+    outport: u8,
+    out: Option<OutByte>,
+    last_out: u8,
+    ctrl_q: VecDeque<OutByte>,
+    target: DataTarget,
+    kbd: Keyboard,
+    mouse: Mouse,
+}
+
+fn put_out_byte(w: &mut SectionWriter, b: OutByte) {
+    w.put_u8(b.val);
+    w.put_bool(b.aux);
+}
+
+fn get_out_byte(r: &mut SectionReader<'_>) -> Result<OutByte, SnapshotError> {
+    Ok(OutByte { val: r.get_u8()?, aux: r.get_bool()? })
+}
+
+/// A queue of at most [`DEV_QUEUE`] entries: u8 count, then the entries.
+fn get_queue<T>(
+    r: &mut SectionReader<'_>,
+    mut item: impl FnMut(&mut SectionReader<'_>) -> Result<T, SnapshotError>,
+) -> Result<VecDeque<T>, SnapshotError> {
+    let n = usize::from(r.get_u8()?);
+    if n > DEV_QUEUE {
+        return Err(r.bad(format!("queue of {n} bytes")));
+    }
+    (0..n).map(|_| item(r)).collect()
+}
+
+impl Snapshot for I8042 {
+    fn section(&self) -> &'static str {
+        "i8042"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        w.put_raw(&self.ram);
+        w.put_u8(self.status);
+        w.put_u8(self.outport);
+        w.put_bool(self.out.is_some());
+        put_out_byte(w, self.out.unwrap_or(OutByte { val: 0, aux: false }));
+        w.put_u8(self.last_out);
+        // Queues are bounded by DEV_QUEUE (16).
+        w.put_u8(self.ctrl_q.len() as u8);
+        for b in &self.ctrl_q {
+            put_out_byte(w, *b);
+        }
+        let (tag, arg) = match self.target {
+            DataTarget::Keyboard => (0, 0),
+            DataTarget::WriteRam(i) => (1, i),
+            DataTarget::WriteOutPort => (2, 0),
+            DataTarget::KbdOutBuf => (3, 0),
+            DataTarget::AuxOutBuf => (4, 0),
+            DataTarget::AuxDevice => (5, 0),
+        };
+        w.put_u8(tag);
+        w.put_u8(arg);
+        let k = &self.kbd;
+        w.put_u8(k.q.len() as u8);
+        for b in &k.q {
+            w.put_u8(*b);
+        }
+        w.put_u8(match k.param {
+            KbdParam::None => 0,
+            KbdParam::Leds => 1,
+            KbdParam::Typematic => 2,
+            KbdParam::ScanSet => 3,
+        });
+        w.put_bool(k.scanning);
+        w.put_u8(k.scan_set);
+        let m = &self.mouse;
+        w.put_u8(m.q.len() as u8);
+        for b in &m.q {
+            w.put_u8(*b);
+        }
+        w.put_u8(m.param.unwrap_or(0));
+        for b in [m.enabled, m.remote, m.wrap, m.scaling21] {
+            w.put_bool(b);
+        }
+        w.put_u8(m.resolution);
+        w.put_u8(m.rate);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        check_version(r, version, 1)?;
+        let ram = r.get_array::<32>()?;
+        let status = r.get_u8()?;
+        let outport = r.get_u8()?;
+        let has_out = r.get_bool()?;
+        let out = get_out_byte(r)?;
+        let last_out = r.get_u8()?;
+        let ctrl_q = get_queue(r, get_out_byte)?;
+        let target = match (r.get_u8()?, r.get_u8()?) {
+            (0, 0) => DataTarget::Keyboard,
+            (1, i) if i < 32 => DataTarget::WriteRam(i),
+            (2, 0) => DataTarget::WriteOutPort,
+            (3, 0) => DataTarget::KbdOutBuf,
+            (4, 0) => DataTarget::AuxOutBuf,
+            (5, 0) => DataTarget::AuxDevice,
+            (t, a) => return Err(r.bad(format!("data port target {t}/{a}"))),
+        };
+        let q = get_queue(r, |r| r.get_u8())?;
+        let param = match r.get_u8()? {
+            0 => KbdParam::None,
+            1 => KbdParam::Leds,
+            2 => KbdParam::Typematic,
+            3 => KbdParam::ScanSet,
+            v => return Err(r.bad(format!("keyboard parameter state {v}"))),
+        };
+        let scanning = r.get_bool()?;
+        let scan_set = r.get_u8()?;
+        if !(1..=3).contains(&scan_set) {
+            return Err(r.bad(format!("scan set {scan_set}")));
+        }
+        let kbd = Keyboard { q, param, scanning, scan_set };
+        let q = get_queue(r, |r| r.get_u8())?;
+        let param = match r.get_u8()? {
+            0 => None,
+            c @ (0xe8 | 0xf3) => Some(c),
+            v => return Err(r.bad(format!("mouse parameter command {v:#x}"))),
+        };
+        let (enabled, remote, wrap, scaling21) = (r.get_bool()?, r.get_bool()?, r.get_bool()?, r.get_bool()?);
+        let resolution = r.get_u8()?;
+        if resolution > 3 {
+            return Err(r.bad(format!("mouse resolution {resolution}")));
+        }
+        let rate = r.get_u8()?;
+        let mouse = Mouse { q, param, enabled, remote, wrap, scaling21, resolution, rate };
+        Ok(PendingState::new(I8042State {
+            ram,
+            status,
+            outport,
+            out: has_out.then_some(out),
+            last_out,
+            ctrl_q,
+            target,
+            kbd,
+            mouse,
+        }))
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        let st: I8042State = state.downcast(self.section())?;
+        self.ram = st.ram;
+        self.status = st.status;
+        self.outport = st.outport;
+        self.out = st.out;
+        self.last_out = st.last_out;
+        self.ctrl_q = st.ctrl_q;
+        self.target = st.target;
+        self.kbd = st.kbd;
+        self.mouse = st.mouse;
+        self.update_irq();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -778,5 +943,98 @@ mod tests {
         assert_eq!(d[0], 0x55);
         bus.write_sync(0x64, &[0xfe]);
         assert_eq!(*plat.events.lock().unwrap(), vec![SystemEvent::Reset]);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::irq::RecordingIrqSink;
+    use crate::platform::RecordingPlatform;
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+    fn dev() -> (I8042, Arc<RecordingIrqSink>, Arc<RecordingPlatform>) {
+        let sink = Arc::new(RecordingIrqSink::default());
+        let p = Arc::new(RecordingPlatform::default());
+        let d = I8042::new(IsaIrq::new(sink.clone(), 1), IsaIrq::new(sink.clone(), 12), p.clone());
+        (d, sink, p)
+    }
+    fn data(d: &mut I8042) -> u8 {
+        let mut b = [0u8];
+        d.read(I8042::REGION_DATA, 0, &mut b);
+        b[0]
+    }
+    fn status(d: &mut I8042) -> u8 {
+        let mut b = [0u8];
+        d.read(I8042::REGION_CMD, 0, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn roundtrip_queues_modes_and_irq() {
+        let (mut a, _, _) = dev();
+        // Mouse: enable, set resolution 3, then leave "set sample rate" pending its parameter.
+        for v in [0xf4u8, 0xe8, 0x03, 0xf3] {
+            a.write(I8042::REGION_CMD, 0, &[0xd4]);
+            a.write(I8042::REGION_DATA, 0, &[v]);
+        }
+        // Keyboard: identify (ACK, AB, 41 queued), then the controller command 0x60 pending.
+        a.write(I8042::REGION_DATA, 0, &[0xf2]);
+        a.write(I8042::REGION_CMD, 0, &[0xdd]); // A20 off
+        a.write(I8042::REGION_CMD, 0, &[0x60]);
+        let blob = payload(&a);
+
+        let (mut b, sink, p) = dev();
+        sink.take();
+        assert_prefixes_fail(&b, &blob);
+        load(&mut b, &blob).unwrap();
+        assert!(!b.a20());
+        assert!(sink.isa_level(12), "AUX byte in the output buffer re-asserts IRQ 12");
+        assert_eq!(status(&mut b) & (STS_OBF | STS_AUXB), STS_OBF | STS_AUXB);
+        // The same bytes in the same order as the original would deliver.
+        let drain = |d: &mut I8042| {
+            let mut got = vec![];
+            while status(d) & STS_OBF != 0 {
+                got.push(data(d));
+            }
+            got
+        };
+        let got = drain(&mut b);
+        assert_eq!(got, drain(&mut a));
+        assert_eq!(got, vec![ACK, ACK, 0xab, 0x83, ACK, ACK, ACK]);
+        // The pending 0x60 takes the next data byte as the CTR.
+        b.write(I8042::REGION_DATA, 0, &[0x00]);
+        b.write(I8042::REGION_CMD, 0, &[0x20]);
+        assert_eq!(data(&mut b), 0x00);
+        // The mouse still waits for its sample rate, then reports its state.
+        b.write(I8042::REGION_CMD, 0, &[0xd4]);
+        b.write(I8042::REGION_DATA, 0, &[40]);
+        b.write(I8042::REGION_CMD, 0, &[0xd4]);
+        b.write(I8042::REGION_DATA, 0, &[0xe9]);
+        let mut got = vec![];
+        while status(&mut b) & STS_OBF != 0 {
+            got.push(data(&mut b));
+        }
+        assert_eq!(got, vec![ACK, ACK, 0x20, 3, 40]);
+        assert!(p.events.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_values_rejected() {
+        let (a, _, _) = dev();
+        let good = payload(&a);
+        let (mut b, _, _) = dev();
+        // Layout: ram 32, status, outport, has_out, out(2), last_out, ctrl_q len at 38.
+        let mut bad = good.clone();
+        bad[38] = 17;
+        assert!(load(&mut b, &bad).is_err());
+        let mut bad = good.clone();
+        bad[39] = 9; // target tag
+        assert!(load(&mut b, &bad).is_err());
+        let mut bad = good.clone();
+        bad[34] = 2; // has_out is not a bool
+        assert!(load(&mut b, &bad).is_err());
+        load(&mut b, &good).unwrap();
     }
 }

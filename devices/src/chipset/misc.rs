@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::bus::{AccessRules, IoResult, RegionId};
 use crate::platform::{PlatformControl, SystemEvent};
+use crate::snapshot::{check_version, PendingState, SectionReader, SectionWriter, Snapshot, SnapshotError};
 use crate::warn_limited;
 
 fn put_byte(data: &mut [u8], v: u8) {
@@ -64,6 +65,48 @@ impl crate::bus::BusDevice for ResetPort92 {
             self.platform.request(SystemEvent::Reset);
         }
         IoResult::Done
+    }
+}
+
+/// Section "port92", version 1: the register value. Restoring never requests a reset.
+impl Snapshot for ResetPort92 {
+    fn section(&self) -> &'static str {
+        "port92"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        w.put_u8(self.val);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        check_version(r, version, 1)?;
+        Ok(PendingState::new(r.get_u8()?))
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        self.val = state.downcast(self.section())?;
+        Ok(())
+    }
+}
+
+/// Section "postcode", version 1: the last POST code.
+impl Snapshot for PostCode {
+    fn section(&self) -> &'static str {
+        "postcode"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        w.put_u8(self.last);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        check_version(r, version, 1)?;
+        Ok(PendingState::new(r.get_u8()?))
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        self.last = state.downcast(self.section())?;
+        Ok(())
     }
 }
 
@@ -300,5 +343,35 @@ mod tests {
         assert_eq!(d[0], 0xff);
         p.reset();
         assert_eq!(p.last(), 0);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::platform::RecordingPlatform;
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+    #[test]
+    fn port92_roundtrip_without_reset() {
+        let p = Arc::new(RecordingPlatform::default());
+        let mut a = ResetPort92::new(p.clone());
+        a.write(0, 0, &[0x03]);
+        p.events.lock().unwrap().clear();
+        let blob = payload(&a);
+        let mut b = ResetPort92::new(p.clone());
+        assert_prefixes_fail(&b, &blob);
+        load(&mut b, &blob).unwrap();
+        assert!(b.a20());
+        let mut d = [0u8];
+        b.read(0, 0, &mut d);
+        assert_eq!(d[0], 0x03);
+        assert!(p.events.lock().unwrap().is_empty(), "restore must not reset the machine");
+        let mut pc = PostCode::new();
+        pc.write(0, 0, &[0x42]);
+        let mut pc2 = PostCode::new();
+        load(&mut pc2, &payload(&pc)).unwrap();
+        assert_eq!(pc2.last(), 0x42);
     }
 }

@@ -20,6 +20,7 @@ use super::{host_monotonic_clock, ClockFn};
 use crate::bus::{AccessRules, IoResult, RegionId};
 use crate::irq::IsaIrq;
 use crate::platform::{PlatformControl, SystemEvent};
+use crate::snapshot::{check_version, PendingState, SectionReader, SectionWriter, Snapshot, SnapshotError};
 use crate::warn_limited;
 
 // PM1a_STS / PM1a_EN bits.
@@ -377,6 +378,72 @@ impl crate::bus::BusDevice for Piix4Pm {
     }
 }
 
+/// Saved PM I/O state (section "pm-io", version 1): PM1 status/enable/control, GPE0 and the APM
+/// registers. The PM timer is not saved: it runs from the host monotonic clock, so after restore
+/// it continues from a different value (a jump, as after any long pause; under Xen the timer is
+/// the hypervisor's anyway). TMR_STS tracking restarts from the current timer; the SCI level is
+/// recomputed and driven.
+struct PmState {
+    pm1_sts: u16,
+    pm1_en: u16,
+    pm1_cnt: u16,
+    gpe_sts: u16,
+    gpe_en: u16,
+    apmc: u8,
+    apms: u8,
+}
+
+impl Snapshot for Piix4Pm {
+    fn section(&self) -> &'static str {
+        "pm-io"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        w.put_bool(self.xen);
+        for v in [self.pm1_sts, self.pm1_en, self.pm1_cnt, self.gpe_sts, self.gpe_en] {
+            w.put_u16(v);
+        }
+        w.put_u8(self.apmc);
+        w.put_u8(self.apms);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        check_version(r, version, 1)?;
+        let xen = r.get_bool()?;
+        let st = PmState {
+            pm1_sts: r.get_u16()?,
+            pm1_en: r.get_u16()?,
+            pm1_cnt: r.get_u16()?,
+            gpe_sts: r.get_u16()?,
+            gpe_en: r.get_u16()?,
+            apmc: r.get_u8()?,
+            apms: r.get_u8()?,
+        };
+        if xen != self.xen {
+            return Err(r.bad("saved in the other PM mode (Xen vs. emulated)"));
+        }
+        // SLP_EN is write-only and never stored.
+        if st.pm1_cnt & CNT_SLP_EN != 0 {
+            return Err(r.bad(format!("PM1a_CNT {:#x} has SLP_EN", st.pm1_cnt)));
+        }
+        Ok(PendingState::new(st))
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        let st: PmState = state.downcast(self.section())?;
+        self.pm1_sts = st.pm1_sts;
+        self.pm1_en = st.pm1_en;
+        self.pm1_cnt = st.pm1_cnt;
+        self.gpe_sts = st.gpe_sts;
+        self.gpe_en = st.gpe_en;
+        self.apmc = st.apmc;
+        self.apms = st.apms;
+        self.tmr_epoch = self.ticks() >> 23;
+        self.update_sci();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,5 +651,65 @@ mod tests {
         r.pm.lock().unwrap().read(9, 0, &mut d);
         assert_eq!(d, [0xff, 0xff]);
         r.pm.lock().unwrap().write(9, 0, &d);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::chipset::test_util::FakeClock;
+    use crate::irq::RecordingIrqSink;
+    use crate::platform::RecordingPlatform;
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+    fn dev(xen: bool) -> (Piix4Pm, Arc<RecordingIrqSink>, Arc<RecordingPlatform>) {
+        let sink = Arc::new(RecordingIrqSink::default());
+        let p = Arc::new(RecordingPlatform::default());
+        let clock = FakeClock::default().clock();
+        (Piix4Pm::with_clock(IsaIrq::new(sink.clone(), 9), p.clone(), xen, clock), sink, p)
+    }
+    fn rd(d: &mut Piix4Pm, region: RegionId, off: u64, n: usize) -> u32 {
+        let mut b = [0u8; 4];
+        d.read(region, off, &mut b[..n]);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn roundtrip_registers_and_sci() {
+        let (mut a, _, _) = dev(false);
+        a.write(Piix4Pm::REGION_APM, 0, &[APM_ACPI_ENABLE]);
+        a.write(Piix4Pm::REGION_APM, 1, &[0x5a]);
+        a.write(Piix4Pm::REGION_PM, OFF_EN, &PM1_PWRBTN.to_le_bytes());
+        a.write(Piix4Pm::REGION_GPE0, 2, &[0x02]);
+        a.set_gpe_status(1);
+        a.press_power_button();
+        let blob = payload(&a);
+
+        let (mut b, sink, p) = dev(false);
+        sink.take();
+        assert_prefixes_fail(&b, &blob);
+        load(&mut b, &blob).unwrap();
+        assert!(sink.isa_level(9), "SCI re-asserted");
+        assert!(b.sci_enabled());
+        assert_eq!(rd(&mut b, Piix4Pm::REGION_APM, 0, 2), 0x5af1);
+        assert_eq!(rd(&mut b, Piix4Pm::REGION_PM, OFF_STS, 2) as u16 & PM1_PWRBTN, PM1_PWRBTN);
+        assert_eq!(rd(&mut b, Piix4Pm::REGION_GPE0, 0, 4), 0x0002_0002);
+        b.write(Piix4Pm::REGION_PM, OFF_STS, &PM1_PWRBTN.to_le_bytes());
+        b.write(Piix4Pm::REGION_GPE0, 0, &[0x02]);
+        assert!(!sink.isa_level(9));
+        assert!(p.events.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_values_rejected() {
+        let (a, _, _) = dev(false);
+        let good = payload(&a);
+        let mut bad = good.clone();
+        bad[5..7].copy_from_slice(&CNT_SLP_EN.to_le_bytes());
+        let (mut b, _, _) = dev(false);
+        assert!(load(&mut b, &bad).is_err());
+        let (mut x, _, _) = dev(true);
+        assert!(load(&mut x, &good).is_err());
     }
 }
