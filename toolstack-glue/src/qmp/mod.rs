@@ -7,12 +7,14 @@
 //! `id` is echoed as given (any JSON value); `CommandNotFound` drives libxl's fallbacks.
 
 mod args;
+pub mod commands;
 mod decoder;
 mod fdstore;
 pub mod server;
 mod session;
 
 pub use args::Args;
+pub use commands::{DmControl, RunState, XenQmp};
 pub use fdstore::{FdStore, MAX_STORED_FDS};
 pub use session::{Session, BUILTIN_COMMANDS, MAX_MESSAGE, OUTPUT_HIGH_WATER};
 
