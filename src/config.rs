@@ -27,6 +27,8 @@ pub enum FirmwareConfig {
     Bios(PathBuf),
     /// Split OVMF: read-only CODE at the top of 4 GiB, a private copy of VARS just below it.
     OvmfSplit { code: PathBuf, vars_template: PathBuf },
+    /// Xen: the hypervisor's toolstack loads hvmloader and the firmware; the device model maps none.
+    Hvmloader,
 }
 
 impl FirmwareConfig {
@@ -34,6 +36,7 @@ impl FirmwareConfig {
         match self {
             FirmwareConfig::OvmfSplit { .. } => true,
             FirmwareConfig::Bios(p) => p.to_string_lossy().to_ascii_lowercase().contains("ovmf"),
+            FirmwareConfig::Hvmloader => false,
         }
     }
 }
@@ -48,6 +51,11 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub interface: DiskInterface,
     pub readonly: bool,
+    /// IDE position 0..=3 (primary master, primary slave, secondary master, secondary slave);
+    /// None = the next free one in order.
+    pub index: Option<u8>,
+    /// The id QMP names the drive by (`ide0-hd0` style when none was given).
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +79,11 @@ pub struct MachineConfig {
     pub firmware_log: Option<PathBuf>,
     /// QEMU-style boot order letters ("c" disk, "d" CD, "n" network).
     pub boot_order: String,
+    /// The vCPU maximum (hot-pluggable up to it); `smp` vCPUs are present at power-on.
+    pub max_cpus: u32,
+    /// Xen mode: the hypervisor emulates the LAPIC/IOAPIC/PIC/PIT/HPET, the PM timer, PM1 status
+    /// and CMOS 0..13, and hvmloader builds the ACPI tables; the machine leaves those out.
+    pub xen: bool,
 }
 
 /// Parses "512M", "2G", "65536K", or a plain number of MiB (QEMU's convention) into bytes.
@@ -136,7 +149,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     if !path.is_file() {
         return Err(ConfigError::Missing { what: "disk image", path, hint: String::new() });
     }
-    Ok(DiskConfig { path, interface, readonly })
+    Ok(DiskConfig { path, interface, readonly, index: None, id: None })
 }
 
 pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {

@@ -5,6 +5,7 @@ mod chardev;
 mod config;
 mod kvm;
 mod machine;
+mod xen;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,8 +26,12 @@ struct Cli {
 enum Cmd {
     /// Run a guest on KVM with hvmdm's device graph.
     Kvm(Box<KvmArgs>),
-    /// Serve a Xen HVM domain as its device model (not implemented yet).
-    Xen,
+    /// Serve a Xen HVM domain as its device model. libxl runs hvmdm with QEMU's options
+    /// (`hvmdm -xen-domid N ...`); `hvmdm xen -xen-domid N ...` is the same.
+    Xen {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Args)]
@@ -95,10 +100,20 @@ fn machine_config(a: &KvmArgs) -> Result<MachineConfig> {
         serial: config::parse_serial(&a.serial)?,
         firmware_log: a.firmware_log.clone(),
         boot_order: a.boot.clone(),
+        max_cpus: smp,
+        xen: false,
     })
 }
 
 fn run() -> Result<i32> {
+    // libxl execs the device model with QEMU's argv: the first argument is an option, not a
+    // subcommand.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| {
+        a.to_string_lossy().starts_with('-') && a != "-h" && a != "--help" && a != "-V" && a != "--version"
+    }) {
+        return xen::run(argv[1..].to_vec()).context("Xen backend");
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Kvm(a) => {
@@ -106,7 +121,7 @@ fn run() -> Result<i32> {
             let opts = kvm::KvmOptions { allow_software_kvm: a.allow_software_kvm };
             kvm::run(&cfg, &opts).context("KVM backend")
         }
-        Cmd::Xen => bail!("the Xen backend is not implemented yet"),
+        Cmd::Xen { args } => xen::run(args).context("Xen backend"),
     }
 }
 

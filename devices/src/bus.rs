@@ -163,10 +163,18 @@ struct Region {
     id: RegionId,
 }
 
+/// Told about every region added to or removed from a bus (the Xen backend forwards this to
+/// `map_io_range_to_ioreq_server`, because Xen only sends us accesses to ranges we claimed).
+pub trait BusListener: Send + Sync {
+    fn region_added(&self, base: u64, len: u64);
+    fn region_removed(&self, base: u64, len: u64);
+}
+
 /// One address space (port I/O or MMIO).
 pub struct Bus {
     name: &'static str,
     regions: RwLock<BTreeMap<u64, Region>>,
+    listener: RwLock<Option<Arc<dyn BusListener>>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -185,7 +193,26 @@ enum Dir {
 
 impl Bus {
     pub fn new(name: &'static str) -> Self {
-        Bus { name, regions: RwLock::new(BTreeMap::new()) }
+        Bus { name, regions: RwLock::new(BTreeMap::new()), listener: RwLock::new(None) }
+    }
+
+    /// Installs the listener and replays the regions that exist already (as additions).
+    pub fn set_listener(&self, l: Arc<dyn BusListener>) {
+        let existing = self.regions();
+        *self.listener.write().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
+        for (base, len) in existing {
+            l.region_added(base, len);
+        }
+    }
+
+    fn listener(&self) -> Option<Arc<dyn BusListener>> {
+        self.listener.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every region as (base, len), in address order.
+    pub fn regions(&self) -> Vec<(u64, u64)> {
+        let map = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(b, r)| (*b, r.len)).collect()
     }
 
     pub fn name(&self) -> &'static str {
@@ -212,12 +239,25 @@ impl Bus {
             }
         }
         map.insert(base, Region { len, rules, dev, id });
+        drop(map);
+        if let Some(l) = self.listener() {
+            l.region_added(base, len);
+        }
         Ok(())
     }
 
     /// Removes the region starting at `base`; returns whether one was there.
     pub fn remove(&self, base: u64) -> bool {
-        self.regions.write().unwrap_or_else(|p| p.into_inner()).remove(&base).is_some()
+        let removed = self.regions.write().unwrap_or_else(|p| p.into_inner()).remove(&base);
+        match removed {
+            Some(r) => {
+                if let Some(l) = self.listener() {
+                    l.region_removed(base, r.len);
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether some region covers `addr`.
@@ -443,6 +483,31 @@ mod tests {
         }
         bus.insert(0x100, 32, rules, p.clone(), 0).unwrap();
         (bus, p)
+    }
+
+    #[derive(Default)]
+    struct Listen(Mutex<Vec<(bool, u64, u64)>>);
+    impl BusListener for Listen {
+        fn region_added(&self, base: u64, len: u64) {
+            self.0.lock().unwrap().push((true, base, len));
+        }
+        fn region_removed(&self, base: u64, len: u64) {
+            self.0.lock().unwrap().push((false, base, len));
+        }
+    }
+
+    #[test]
+    fn listener_sees_existing_added_and_removed_regions() {
+        let (bus, p) = setup(AccessRules::BYTES);
+        let l = Arc::new(Listen::default());
+        bus.set_listener(l.clone());
+        bus.insert(0x200, 8, AccessRules::BYTES, p.clone(), 1).unwrap();
+        // A refused insert is not reported.
+        assert!(bus.insert(0x204, 8, AccessRules::BYTES, p, 1).is_err());
+        assert!(bus.remove(0x100));
+        assert!(!bus.remove(0x100));
+        assert_eq!(*l.0.lock().unwrap(), vec![(true, 0x100, 32), (true, 0x200, 8), (false, 0x100, 32)]);
+        assert_eq!(bus.regions(), vec![(0x200, 8)]);
     }
 
     #[test]

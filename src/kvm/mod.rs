@@ -36,6 +36,8 @@ pub enum KvmError {
     Setup { what: &'static str, err: kvm_ioctls::Error },
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
+    #[error("the KVM backend needs a firmware image (SeaBIOS or OVMF); hvmloader is Xen's")]
+    NoFirmware,
     #[error("reading {path}: {err}")]
     Firmware { path: String, err: std::io::Error },
     #[error(transparent)]
@@ -122,6 +124,7 @@ pub fn run(cfg: &MachineConfig, opts: &KvmOptions) -> Result<i32, KvmError> {
         FirmwareConfig::OvmfSplit { code, vars_template } => {
             FirmwareImages { code: read_file(code)?, vars: Some(read_file(vars_template)?) }
         }
+        FirmwareConfig::Hvmloader => return Err(KvmError::NoFirmware),
     };
     let mem = KvmMemory::new(vm.clone(), cfg.memory, &fw)?;
     let (tx, rx) = channel();

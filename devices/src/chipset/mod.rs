@@ -11,6 +11,7 @@
 //! what Xen forwards.
 
 mod cmos;
+mod hotplug;
 mod i8042;
 mod misc;
 mod pm;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
 pub use cmos::{Cmos, CmosConfig};
+pub use hotplug::{CpuHotplugBitmap, PciHotplug};
 pub use i8042::I8042;
 pub use misc::{DebugCon, PostCode, ResetPort92};
 pub use pm::Piix4Pm;

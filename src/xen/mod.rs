@@ -1,0 +1,334 @@
+//! The Xen backend: hvmdm started by libxl in place of qemu-xen (`-xen-domid N ...`).
+//!
+//! One thread serves everything, like QEMU's main loop: the ioreq server's event channel (guest
+//! I/O), the QMP sockets (libxl and xentop), and SIGHUP/SIGTERM (libxl's destroy). Order of
+//! setup follows specs/xen-interfaces.md §4.1: machine built, ioreq server created and enabled,
+//! ranges and PCI functions claimed, optional device state loaded, then `running` in xenstore.
+//!
+//! Not here yet (issue 3 notes): asynchronous disk I/O (a slow disk request holds up the other
+//! vCPUs' ioreqs), the Xen platform device and PV backends (issue 4/unplug), S3.
+
+pub mod config;
+pub mod handler;
+pub mod qmp;
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hvmdm_devices::bus::BusListener;
+use hvmdm_devices::topology::Topology;
+use hvmdm_toolstack::argv::{DmArgs, SocketEndpoint};
+use hvmdm_toolstack::qmp::commands::DmControl;
+use hvmdm_toolstack::qmp::server::{QmpListener, QmpServer};
+use hvmdm_xen::dm::XenDeviceModel;
+use hvmdm_xen::dm::{DeviceModelOps, Domid, IoservId};
+use hvmdm_xen::evtchn::EventChannels;
+use hvmdm_xen::evtchn::XenEventChannels;
+use hvmdm_xen::foreign::XenForeignMemory;
+use hvmdm_xen::ioreq::PciSbdf;
+use hvmdm_xen::mapcache::MapCache;
+use hvmdm_xen::platform::{XenIrq, XenPlatform};
+use hvmdm_xen::server::{EventOutcome, IoreqServer};
+use hvmdm_xen::xenstore::{Client as XsClient, XenStore};
+
+use crate::machine::{Machine, MachineEnv};
+
+type Dm = XenDeviceModel;
+type Ram = MapCache<XenDeviceModel, XenForeignMemory>;
+
+/// How often the buffered ring is drained while it had work (QEMU's 100 ms timer).
+const BUFFERED_POLL: Duration = Duration::from_millis(100);
+
+/// Forwards bus regions to the ioreq server: Xen only sends us accesses to claimed ranges.
+/// Called synchronously from inside a guest config-space write (BAR or PM base programmed), so
+/// the range is claimed before the vCPU that moved it runs again.
+struct RangeClaims {
+    dm: Arc<Dm>,
+    domid: Domid,
+    id: IoservId,
+    is_mmio: bool,
+}
+
+impl BusListener for RangeClaims {
+    fn region_added(&self, base: u64, len: u64) {
+        let end = base.saturating_add(len - 1);
+        if let Err(e) = self.dm.map_io_range(self.domid, self.id, self.is_mmio, base, end) {
+            log::error!("claiming {} {base:#x}-{end:#x}: {e}", if self.is_mmio { "MMIO" } else { "ports" });
+        }
+    }
+    fn region_removed(&self, base: u64, len: u64) {
+        let end = base.saturating_add(len - 1);
+        if let Err(e) = self.dm.unmap_io_range(self.domid, self.id, self.is_mmio, base, end) {
+            log::warn!("releasing {} {base:#x}-{end:#x}: {e}", if self.is_mmio { "MMIO" } else { "ports" });
+        }
+    }
+}
+
+/// `hvmdm -xen-domid N ...` as libxl runs it. Returns the exit code.
+pub fn run(argv: Vec<OsString>) -> Result<i32> {
+    let args = DmArgs::parse(argv).context("command line")?;
+    let (cfg, opts) = config::from_dm_args(&args)?;
+    for n in &opts.notes {
+        log::warn!("{n}");
+    }
+    for i in &args.ignored {
+        log::info!("option {} accepted without effect", i.option);
+    }
+    let domid = Domid::try_from(opts.domid).context("-xen-domid out of range")?;
+    log::info!(
+        "serving domain {domid}{}: {} MiB, {}/{} vCPUs, {} disk(s)",
+        opts.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(),
+        cfg.memory >> 20,
+        cfg.smp,
+        cfg.max_cpus,
+        cfg.disks.len()
+    );
+
+    // Signals become readable events on the loop (blocked before any thread starts, so every
+    // thread inherits the mask and only the signalfd sees them).
+    let sigfd = signals::block_and_open(&[libc::SIGHUP, libc::SIGTERM, libc::SIGINT])?;
+
+    let dm = Arc::new(XenDeviceModel::open().context("opening libxendevicemodel")?);
+    let evtchn = Arc::new(XenEventChannels::open().context("opening libxenevtchn")?);
+    let fmem = Arc::new(XenForeignMemory::open().context("opening libxenforeignmemory")?);
+
+    let ram: Arc<Ram> =
+        Arc::new(MapCache::new(dm.clone(), fmem.clone(), domid, opts.ram_below_4g, opts.ram_above_4g));
+    let platform = Arc::new(XenPlatform::new(dm.clone(), domid));
+    let irq = Arc::new(XenIrq::new(dm.clone(), domid));
+    let machine = Machine::build(
+        &cfg,
+        MachineEnv {
+            mem: ram.clone(),
+            irq,
+            platform: platform.clone(),
+            shadow: platform.clone(),
+            ram_below_4g: opts.ram_below_4g,
+            ram_above_4g: opts.ram_above_4g,
+            topology: Topology::flat(cfg.smp, cfg.max_cpus),
+        },
+    )
+    .context("building the machine")?;
+
+    let mut run_state = qmp::RunState::Running;
+    if let Some(fd) = opts.incoming_fd {
+        run_state = qmp::RunState::InMigrate;
+        // SAFETY: libxl opened this fd for us (`-incoming fd:N`) and nothing else owns it.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        qmp::load_state(&machine, file)
+            .map_err(anyhow::Error::msg)
+            .context("-incoming: loading device state")?;
+        log::info!("device state restored from fd {fd}");
+    }
+    if opts.start_paused {
+        run_state = qmp::RunState::Prelaunch;
+    } else if run_state == qmp::RunState::InMigrate {
+        run_state = qmp::RunState::Running;
+    }
+
+    let mut server = IoreqServer::start(dm.clone(), evtchn.clone(), fmem.clone(), domid, opts.max_vcpus)
+        .context("starting the ioreq server")?;
+    let r2 = ram.clone();
+    server.set_invalidate_hook(Box::new(move || r2.invalidate()));
+    for (bus, is_mmio) in [(&machine.pio, false), (&machine.mmio, true)] {
+        bus.set_listener(Arc::new(RangeClaims { dm: dm.clone(), domid, id: server.id(), is_mmio }));
+    }
+    for devfn in machine.pci_devfns() {
+        server
+            .register_pci(PciSbdf(u32::from(devfn)))
+            .with_context(|| format!("claiming PCI 00:{:02x}.{}", devfn >> 3, devfn & 7))?;
+    }
+    set_nonblocking(evtchn.fd())?;
+
+    let mut xs = match XsClient::open() {
+        Ok(c) => Some(c),
+        Err(e) if opts.restrict => {
+            log::warn!("xenstore unavailable ({e}); restricted mode goes on without it");
+            None
+        }
+        Err(e) => return Err(e).context("connecting to xenstore"),
+    };
+
+    let mut dispatcher = qmp::dispatcher(qmp::Control::new(&machine, run_state, ram.clone(), &cfg, &opts));
+    let mut monitors = Vec::new();
+    for q in &opts.qmp {
+        let l = match &q.endpoint {
+            SocketEndpoint::Path(p) => {
+                QmpListener::bind(p).with_context(|| format!("QMP socket {}", p.display()))?
+            }
+            SocketEndpoint::Fd(fd) => {
+                QmpListener::from_inherited_fd(*fd).with_context(|| format!("QMP fd {fd}"))?
+            }
+        };
+        monitors.push(QmpServer::new(l, dispatcher.version()));
+    }
+
+    if opts.restrict {
+        deprivilege(&dm, &evtchn, &fmem, domid, &opts)?;
+    }
+
+    if run_state == qmp::RunState::Running {
+        record_running(&mut xs, domid, opts.restrict)?;
+    }
+    log::info!("ready: ioreq server {} for domain {domid}", server.id());
+
+    let mut handler = handler::MachineIo { machine: &machine };
+    let mut buffered_due: Option<Instant> = None;
+    let mut announced_running = run_state == qmp::RunState::Running;
+    loop {
+        let mut fds = vec![
+            libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: evtchn.fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        for m in &monitors {
+            fds.push(libc::pollfd { fd: m.listener_fd(), events: libc::POLLIN, revents: 0 });
+            if let Some(fd) = m.connection_fd() {
+                let ev = libc::POLLIN | if m.wants_write() { libc::POLLOUT } else { 0 };
+                fds.push(libc::pollfd { fd, events: ev, revents: 0 });
+            }
+        }
+        let timeout =
+            buffered_due.map_or(-1, |t| t.saturating_duration_since(Instant::now()).as_millis() as i32);
+        // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            bail!("poll: {e}");
+        }
+        if fds[0].revents != 0 {
+            let sig = signals::read(&sigfd);
+            log::info!("signal {sig}: stopping");
+            break;
+        }
+        if fds[1].revents != 0 || buffered_due.is_some_and(|t| t <= Instant::now()) {
+            buffered_due = None;
+            if fds[1].revents == 0 {
+                if let Some(p) = server.buffered_port() {
+                    if let EventOutcome::Buffered(s) = server.on_event(p, &mut handler, &*ram)? {
+                        if s.more {
+                            buffered_due = Some(Instant::now() + BUFFERED_POLL);
+                        }
+                    }
+                }
+            }
+            while let Some(out) = server.handle_pending(&mut handler, &*ram)? {
+                match out {
+                    EventOutcome::Buffered(s) if s.more => {
+                        buffered_due = Some(Instant::now() + BUFFERED_POLL)
+                    }
+                    EventOutcome::StateChanged { vcpu, state } => {
+                        // QEMU destroys the domain here: Xen or the guest broke the protocol.
+                        log::error!("vCPU {vcpu}: ioreq slot moved to state {state} while in process");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for m in monitors.iter_mut() {
+            if let Err(e) = m.service(&mut dispatcher) {
+                log::warn!("QMP listener: {e}");
+            }
+        }
+        let state = dispatcher.ctl().run_state();
+        if state == qmp::RunState::Running && !announced_running {
+            record_running(&mut xs, domid, opts.restrict)?;
+            announced_running = true;
+        }
+    }
+
+    drop(dispatcher);
+    server.teardown();
+    machine.shutdown();
+    Ok(0)
+}
+
+/// `running` in `/local/domain/0/device-model/<domid>/state`: what libxl waits for (60 s).
+fn record_running(xs: &mut Option<XsClient>, domid: Domid, restricted: bool) -> Result<()> {
+    let path = format!("/local/domain/0/device-model/{domid}/state");
+    let Some(c) = xs.as_mut() else { return Ok(()) };
+    match c.write(&path, b"running") {
+        Ok(()) => Ok(()),
+        // A restricted device model may no longer write dom0's tree; libxl then relies on QMP.
+        Err(e) if restricted => {
+            log::warn!("{path}: {e} (ignored in restricted mode)");
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("writing {path}")),
+    }
+}
+
+fn deprivilege(
+    dm: &Arc<Dm>,
+    evtchn: &Arc<XenEventChannels>,
+    fmem: &Arc<XenForeignMemory>,
+    domid: Domid,
+    opts: &config::XenOpts,
+) -> Result<()> {
+    use hvmdm_xen::foreign::ForeignMemory;
+    dm.restrict(domid).context("restricting the device-model handle")?;
+    evtchn.restrict(domid).context("restricting the event-channel handle")?;
+    fmem.restrict(domid).context("restricting the foreign-memory handle")?;
+    if opts.chroot.is_some() || opts.runas.is_some() {
+        log::warn!("-chroot/-runas: not applied yet (sandbox pending)");
+    }
+    Ok(())
+}
+
+fn set_nonblocking(fd: RawFd) -> Result<()> {
+    // SAFETY: fcntl on an fd we own through the event-channel handle; no pointers involved.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        bail!("event channel fd: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+mod signals {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use anyhow::{bail, Result};
+
+    pub fn block_and_open(sigs: &[libc::c_int]) -> Result<OwnedFd> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t for all calls below.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for &s in sigs {
+                libc::sigaddset(&mut set, s);
+            }
+        }
+        // SAFETY: valid set pointer; the old mask is not needed.
+        if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+            bail!("pthread_sigmask failed");
+        }
+        // SAFETY: valid set pointer; -1 asks for a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            bail!("signalfd: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The number of the signal that made the fd readable (0 if none could be read).
+    pub fn read(fd: &OwnedFd) -> u32 {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading at most `len` bytes into `info`, which is `len` bytes long.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), len) };
+        if n as usize == len {
+            info.ssi_signo
+        } else {
+            0
+        }
+    }
+}
