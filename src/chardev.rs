@@ -119,6 +119,16 @@ fn open_pty() -> std::io::Result<(File, String)> {
             }
         }
     }
+    // Non-blocking: with no one attached to the slave, the tty buffer fills after a few KiB and
+    // a blocking write would stall the device model (and every vCPU behind it). The UART drops
+    // the byte instead, as QEMU's pty backend does when nobody is connected.
+    // SAFETY: fcntl on the fd `master` owns; no pointers involved.
+    unsafe {
+        let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+    }
     Ok((master, name))
 }
 
@@ -131,6 +141,10 @@ pub fn spawn_input(mut input: Box<dyn Read + Send>, sink: impl Fn(&[u8]) + Send 
                 Ok(0) => return,
                 Ok(n) => sink(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // Non-blocking pty master with nothing to read.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
                 // A pty master reads EIO while no one has the slave open: wait and retry.
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => {
                     std::thread::sleep(std::time::Duration::from_millis(200))
