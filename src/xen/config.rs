@@ -42,6 +42,8 @@ pub struct XenOpts {
     pub restrict: bool,
     pub chroot: Option<PathBuf>,
     pub runas: Option<RunAs>,
+    /// Seccomp filter after setup (default on; `-sandbox off` turns it off).
+    pub seccomp: bool,
     pub name: Option<String>,
     pub ram_below_4g: u64,
     pub ram_above_4g: u64,
@@ -227,6 +229,7 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
         restrict: a.xen_domid_restrict,
         chroot: a.chroot.clone(),
         runas: a.runas.clone(),
+        seccomp: a.sandbox.as_ref().is_none_or(|s| s.enable),
         name: a.name.clone(),
         ram_below_4g,
         ram_above_4g,

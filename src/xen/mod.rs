@@ -166,9 +166,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
         monitors.push(QmpServer::new(l, dispatcher.version()));
     }
 
-    if opts.restrict {
-        deprivilege(&dm, &evtchn, &fmem, domid, &opts)?;
-    }
+    deprivilege(&dm, &evtchn, &fmem, domid, &opts)?;
 
     if run_state == qmp::RunState::Running {
         record_running(&mut xs, domid, opts.restrict)?;
@@ -270,13 +268,33 @@ fn deprivilege(
     domid: Domid,
     opts: &config::XenOpts,
 ) -> Result<()> {
+    use hvmdm_sandbox::{Policy, RunAs as SbRunAs, SeccompLevel};
+    use hvmdm_toolstack::argv::RunAs;
     use hvmdm_xen::foreign::ForeignMemory;
-    dm.restrict(domid).context("restricting the device-model handle")?;
-    evtchn.restrict(domid).context("restricting the event-channel handle")?;
-    fmem.restrict(domid).context("restricting the foreign-memory handle")?;
-    if opts.chroot.is_some() || opts.runas.is_some() {
-        log::warn!("-chroot/-runas: not applied yet (sandbox pending)");
+    if opts.restrict {
+        // `-xen-domid-restrict`: every Xen handle may only act on this domain from now on.
+        dm.restrict(domid).context("restricting the device-model handle")?;
+        evtchn.restrict(domid).context("restricting the event-channel handle")?;
+        fmem.restrict(domid).context("restricting the foreign-memory handle")?;
     }
+    let policy = Policy {
+        chroot: opts.chroot.clone(),
+        runas: opts.runas.as_ref().map(|r| match r {
+            RunAs::User(u) => SbRunAs::User(u.clone()),
+            RunAs::Ids { uid, gid } => SbRunAs::Ids { uid: *uid, gid: *gid },
+        }),
+        rlimits: true,
+        seccomp: opts.seccomp.then_some(SeccompLevel::Errno),
+        ..Policy::default()
+    };
+    let applied = hvmdm_sandbox::apply(&policy).context("deprivileging")?;
+    log::info!(
+        "deprivileged: xen handles {}, chroot {:?}, user {:?}, seccomp {:?}",
+        if opts.restrict { "restricted to the domain" } else { "unrestricted" },
+        applied.chroot,
+        applied.credentials,
+        applied.seccomp
+    );
     Ok(())
 }
 
