@@ -298,7 +298,7 @@ mod snapshot_tests {
         bad[I440FX_PAM as usize] = 0x01; // PAM0 low nibble is reserved
         assert!(load(&mut b, &bad).is_err());
         let mut bad = good.clone();
-        bad[256 + 0x00] = 0xff; // write mask of the vendor ID
+        bad[256] = 0xff; // write mask of the vendor ID (byte 0)
         assert!(load(&mut b, &bad).is_err());
         assert!(p.pam.lock().unwrap().is_empty(), "nothing applied");
         load(&mut b, &good).unwrap();
