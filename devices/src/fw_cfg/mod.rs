@@ -649,5 +649,108 @@ impl BusDevice for FwCfg {
     }
 }
 
+// ---- save/restore: section "fw-cfg", version 1 ----
+//
+// Saved: the selected key and data offset, the latched DMA address high half, which lazy groups
+// already ran, and the contents of the files the guest or a lazy hook changed (writable
+// WRITE_POINTER targets and members of groups that ran), so the guest keeps seeing exactly the
+// tables it already read. Everything else is configuration the restoring machine rebuilds.
+// A DMA transfer runs inside the register write that starts it, so none is ever in flight.
+
+struct FwCfgState {
+    cur_key: u16,
+    cur_offset: u64,
+    dma_addr: u64,
+    armed: Vec<bool>,
+    files: Vec<(usize, Vec<u8>)>,
+}
+
+impl FwCfg {
+    fn file_saved(&self, f: &FileEntry) -> bool {
+        f.writable || f.lazy.is_some_and(|g| self.lazy.get(g).is_some_and(|g| !g.armed))
+    }
+}
+
+impl crate::snapshot::Snapshot for FwCfg {
+    fn section(&self) -> &'static str {
+        "fw-cfg"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut crate::snapshot::SectionWriter) {
+        w.put_u16(self.cur_key);
+        w.put_u64(self.cur_offset);
+        w.put_u64(self.dma_addr);
+        w.put_u32(self.lazy.len() as u32);
+        for g in &self.lazy {
+            w.put_bool(g.armed);
+        }
+        let saved: Vec<&FileEntry> = self.files.iter().filter(|f| self.file_saved(f)).collect();
+        w.put_u32(saved.len() as u32);
+        for f in saved {
+            w.put_str(&f.name);
+            w.put_bytes(&f.data);
+        }
+    }
+    fn decode(
+        &self,
+        version: u32,
+        r: &mut crate::snapshot::SectionReader<'_>,
+    ) -> Result<crate::snapshot::PendingState, crate::snapshot::SnapshotError> {
+        crate::snapshot::check_version(r, version, 1)?;
+        let cur_key = r.get_u16()?;
+        let cur_offset = r.get_u64()?;
+        let dma_addr = r.get_u64()?;
+        // select() strips the write-channel bit; only the high half of the address is latched.
+        if cur_key & keys::WRITE_CHANNEL != 0 || dma_addr & 0xffff_ffff != 0 {
+            return Err(r.bad(format!("key {cur_key:#x} / DMA address latch {dma_addr:#x}")));
+        }
+        let groups = r.get_u32()? as usize;
+        if groups != self.lazy.len() {
+            return Err(r.bad(format!("{groups} lazy groups saved, {} configured", self.lazy.len())));
+        }
+        let armed = (0..groups).map(|_| r.get_bool()).collect::<Result<Vec<_>, _>>()?;
+        let n = r.get_u32()? as usize;
+        if n > self.files.len() {
+            return Err(r.bad(format!("{n} files saved, {} configured", self.files.len())));
+        }
+        let mut files: Vec<(usize, Vec<u8>)> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = r.get_str(MAX_NAME_LEN)?;
+            let Some(i) = self.find(&name) else {
+                return Err(r.bad(format!("no fw_cfg file {name:?} on this machine")));
+            };
+            let f = &self.files[i];
+            let data = r.get_bytes(f.max_size)?;
+            // Only files the guest or a hook can change may come from the stream.
+            let group_ran = f.lazy.is_some_and(|g| !armed[g]);
+            if !(f.writable || group_ran) || files.iter().any(|(j, _)| *j == i) {
+                return Err(r.bad(format!("fw_cfg file {name:?} cannot be restored")));
+            }
+            if f.writable && data.len() != f.data.len() {
+                // DMA writes never resize a file.
+                return Err(r.bad(format!("writable fw_cfg file {name:?} changed size")));
+            }
+            files.push((i, data));
+        }
+        Ok(crate::snapshot::PendingState::new(FwCfgState { cur_key, cur_offset, dma_addr, armed, files }))
+    }
+    fn apply(&mut self, state: crate::snapshot::PendingState) -> Result<(), crate::snapshot::SnapshotError> {
+        let st: FwCfgState = state.downcast(self.section())?;
+        self.cur_key = st.cur_key;
+        self.cur_offset = st.cur_offset;
+        self.dma_addr = st.dma_addr;
+        for (g, armed) in self.lazy.iter_mut().zip(st.armed) {
+            g.armed = armed;
+        }
+        for (i, data) in st.files {
+            self.files[i].data = data;
+        }
+        self.rebuild_dir();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -510,3 +510,96 @@ fn bootorder_format() {
         b"/rom@genroms/linuxboot_dma.bin\n/pci@i0cf8/ide@1,1/drive@0/disk@0\0".to_vec()
     );
 }
+
+mod snapshot {
+    use super::*;
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+    /// A device with a writable file, a read-only file and a lazy group whose hook counts calls.
+    fn dev(ram: Arc<TestRam>, calls: Arc<AtomicUsize>, tag: u8) -> FwCfg {
+        let mut fw = FwCfg::new(ram);
+        fw.add_file("etc/wp", vec![0; 8], FileOpts::writable(8)).unwrap();
+        fw.add_file("etc/ro", vec![1, 2, 3], FileOpts::read_only(16)).unwrap();
+        fw.add_file("etc/acpi/tables", vec![0; 4], FileOpts::read_only(64)).unwrap();
+        fw.set_lazy_group(
+            &["etc/acpi/tables"],
+            Box::new(move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                vec![("etc/acpi/tables".to_string(), vec![tag; 6])]
+            }),
+        )
+        .unwrap();
+        fw
+    }
+
+    #[test]
+    fn roundtrip_selection_files_and_lazy_state() {
+        let r = rig();
+        let calls = Arc::new(AtomicUsize::new(0));
+        *r.fw.lock().unwrap() = dev(r.ram.clone(), calls.clone(), 0xaa);
+        // Guest: read the lazy tables (hook runs), DMA-write the WRITE_POINTER file, then select
+        // the read-only file and read one byte of it.
+        let tables = r.fw.lock().unwrap().file_key("etc/acpi/tables").unwrap();
+        assert_eq!(r.port_read(tables, 6), vec![0xaa; 6]);
+        let wp = r.fw.lock().unwrap().file_key("etc/wp").unwrap();
+        r.ram.write(BUF, &[9, 8, 7, 6]).unwrap();
+        r.put_desc(DESC, (u32::from(wp) << 16) | DMA_CTL_SELECT | DMA_CTL_WRITE, 4, BUF);
+        r.bus.write_sync(0x518, &(DESC as u32).to_be_bytes());
+        assert_eq!(r.control(DESC), 0);
+        let ro = r.fw.lock().unwrap().file_key("etc/ro").unwrap();
+        assert_eq!(r.port_read(ro, 1), vec![1]);
+        r.bus.write_sync(0x514, &1u32.to_be_bytes());
+        let blob = payload(&*r.fw.lock().unwrap());
+
+        let calls2 = Arc::new(AtomicUsize::new(0));
+        let mut b = dev(r.ram.clone(), calls2.clone(), 0xbb);
+        assert_prefixes_fail(&b, &blob);
+        load(&mut b, &blob).unwrap();
+        // Selection and offset: the next byte of etc/ro is 2.
+        assert_eq!(b.read_data_byte(), 2);
+        assert_eq!(b.dma_addr, 1 << 32);
+        assert_eq!(b.file("etc/wp").unwrap(), &[9, 8, 7, 6, 0, 0, 0, 0]);
+        // The guest keeps the tables it read; the new machine's hook does not run again.
+        b.select(tables);
+        assert_eq!(b.file("etc/acpi/tables").unwrap(), &[0xaa; 6]);
+        assert_eq!(calls2.load(Ordering::SeqCst), 0);
+        // The directory follows the restored size.
+        b.select(keys::FILE_DIR);
+        let dir: Vec<u8> = (0..4 + 64 * 3).map(|_| b.read_data_byte()).collect();
+        let sizes: Vec<u32> =
+            (0..3).map(|i| u32::from_be_bytes(dir[4 + 64 * i..8 + 64 * i].try_into().unwrap())).collect();
+        assert_eq!(sizes, vec![6, 3, 8]);
+    }
+
+    #[test]
+    fn unknown_readonly_and_oversize_files_rejected() {
+        let ram = Arc::new(TestRam::new(RAM_SIZE));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let a = dev(ram.clone(), calls.clone(), 1);
+        let good = payload(&a);
+        let mut b = dev(ram.clone(), calls.clone(), 1);
+        let mut plain = FwCfg::new(ram.clone());
+        assert!(load(&mut plain, &good).is_err(), "lazy group count differs");
+        // Hand-built payloads: key, offset, dma, 1 group (armed=false), 1 file.
+        let build = |name: &str, data: &[u8], armed: bool| {
+            let mut w = crate::snapshot::SectionWriter::new();
+            w.put_u16(0);
+            w.put_u64(0);
+            w.put_u64(0);
+            w.put_u32(1);
+            w.put_bool(armed);
+            w.put_u32(1);
+            w.put_str(name);
+            w.put_bytes(data);
+            w.as_bytes().to_vec()
+        };
+        assert!(load(&mut b, &build("etc/nope", &[], false)).is_err());
+        assert!(load(&mut b, &build("etc/ro", &[5], false)).is_err());
+        assert!(load(&mut b, &build("etc/wp", &[0; 9], false)).is_err());
+        assert!(load(&mut b, &build("etc/acpi/tables", &[0; 65], false)).is_err());
+        assert!(load(&mut b, &build("etc/acpi/tables", &[0; 5], true)).is_err(), "armed group");
+        load(&mut b, &build("etc/acpi/tables", &[7; 5], false)).unwrap();
+        assert_eq!(b.file("etc/acpi/tables").unwrap(), &[7; 5]);
+        assert_eq!(b.file("etc/ro").unwrap(), &[1, 2, 3]);
+    }
+}

@@ -509,6 +509,68 @@ fn idx(off: u16, len: usize) -> Option<usize> {
     (i + len <= CONFIG_SPACE_SIZE).then_some(i)
 }
 
+// ---- save/restore ----
+
+/// A config space decoded from a device-state stream, validated against the space it goes into.
+#[derive(Debug, Clone)]
+pub struct ConfigSpaceState {
+    data: [u8; CONFIG_SPACE_SIZE],
+    wmask: [u8; CONFIG_SPACE_SIZE],
+}
+
+impl ConfigSpaceState {
+    pub fn byte(&self, off: u16) -> u8 {
+        idx(off, 1).map_or(0xff, |i| self.data[i])
+    }
+}
+
+impl ConfigSpace {
+    /// Writes the 256 register bytes and the current write masks (devices narrow masks at run
+    /// time, e.g. the i440FX SMRAM lock). BAR mappings follow from the registers on restore.
+    pub fn save_state(&self, w: &mut crate::snapshot::SectionWriter) {
+        w.put_raw(&self.data);
+        w.put_raw(&self.wmask);
+    }
+
+    /// Reads what [`Self::save_state`] wrote and checks it could have come from a guest driving
+    /// this function: bits no guest write can change (identity, BAR type bits, hard-wired bits)
+    /// must hold their power-on values, and masks may only be narrower than at power-on.
+    pub fn decode_state(
+        &self,
+        r: &mut crate::snapshot::SectionReader<'_>,
+    ) -> Result<ConfigSpaceState, crate::snapshot::SnapshotError> {
+        let data = r.get_array::<CONFIG_SPACE_SIZE>()?;
+        let wmask = r.get_array::<CONFIG_SPACE_SIZE>()?;
+        for i in 0..CONFIG_SPACE_SIZE {
+            let fixed = !(self.reset_wmask[i] | self.w1cmask[i]);
+            if (data[i] ^ self.reset_data[i]) & fixed != 0 {
+                return Err(r.bad(format!(
+                    "{}: read-only config byte {i:#04x} is {:#04x}, expected {:#04x}",
+                    self.name, data[i], self.reset_data[i]
+                )));
+            }
+            if wmask[i] & !self.reset_wmask[i] != 0 {
+                return Err(r.bad(format!("{}: write mask of config byte {i:#04x} widened", self.name)));
+            }
+        }
+        Ok(ConfigSpaceState { data, wmask })
+    }
+
+    /// Installs a decoded state with the effects of the guest writes that produced it: the
+    /// command mirror and INTx-disable follow the command register and the BARs are (re)mapped.
+    /// The INTx level is the device's to restore.
+    pub fn apply_state(&mut self, st: &ConfigSpaceState) {
+        self.data = st.data;
+        self.wmask = st.wmask;
+        let cmd = self.command();
+        self.command_watch.store(cmd, Ordering::Release);
+        if let Some(intx) = &self.intx {
+            intx.set_disabled(cmd & PCI_COMMAND_INTX_DISABLE != 0);
+        }
+        self.update_bars();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

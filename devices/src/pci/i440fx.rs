@@ -138,6 +138,34 @@ impl PciFunction for I440fxHostBridge {
     }
 }
 
+/// Section "i440fx", version 1: the config space. Restore reports all 13 PAM segments to the
+/// shadow control (as reset does) and keeps a saved SMRAM lock (narrowed write mask).
+impl crate::snapshot::Snapshot for I440fxHostBridge {
+    fn section(&self) -> &'static str {
+        "i440fx"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut crate::snapshot::SectionWriter) {
+        self.cs.save_state(w);
+    }
+    fn decode(
+        &self,
+        version: u32,
+        r: &mut crate::snapshot::SectionReader<'_>,
+    ) -> Result<crate::snapshot::PendingState, crate::snapshot::SnapshotError> {
+        crate::snapshot::check_version(r, version, 1)?;
+        Ok(crate::snapshot::PendingState::new(self.cs.decode_state(r)?))
+    }
+    fn apply(&mut self, state: crate::snapshot::PendingState) -> Result<(), crate::snapshot::SnapshotError> {
+        let st: super::ConfigSpaceState = state.downcast(self.cs.name())?;
+        self.cs.apply_state(&st);
+        self.report_all();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +252,55 @@ mod tests {
         assert_eq!(hb.smram(), 0x02);
         hb.config_write(0x70, 0x48 << 16, 0x4);
         assert_eq!(hb.smram(), 0x4a, "reset unlocks");
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::platform::RecordingPlatform;
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+    #[test]
+    fn roundtrip_pam_and_smram_lock() {
+        let p = Arc::new(RecordingPlatform::default());
+        let mut a = I440fxHostBridge::new(p.clone());
+        a.config_write(0x58, 0x3300, 0x2); // PAM0 (byte 0x59): F0000 segment RAM r/w
+        a.config_write(0x5c, 0x0000_0011, 0x1); // PAM3 low nibble: segment 5 read RAM
+        a.config_write(0x70, (SMRAM_D_LCK as u32 | SMRAM_C_BASE_SEG as u32) << 16, 0x4);
+        let blob = payload(&a);
+
+        let p2 = Arc::new(RecordingPlatform::default());
+        let mut b = I440fxHostBridge::new(p2.clone());
+        assert_prefixes_fail(&b, &blob);
+        load(&mut b, &blob).unwrap();
+        let pam = p2.pam.lock().unwrap().clone();
+        assert_eq!(pam.len(), PAM_SEGMENTS, "every segment reported");
+        assert_eq!(pam[0], (0, PamAttr { read_ram: true, write_ram: true }));
+        assert_eq!(pam[5], (5, PamAttr { read_ram: true, write_ram: false }));
+        assert_eq!(b.pam_attr(1), PamAttr::default());
+        // The lock survived: D_OPEN cannot be set any more.
+        b.config_write(0x70, (SMRAM_D_OPEN as u32) << 16, 0x4);
+        assert_eq!(b.smram() & SMRAM_D_OPEN, 0);
+        assert_eq!(b.smram() & SMRAM_D_LCK, SMRAM_D_LCK);
+    }
+
+    #[test]
+    fn read_only_and_mask_tampering_rejected() {
+        let p = Arc::new(RecordingPlatform::default());
+        let a = I440fxHostBridge::new(p.clone());
+        let good = payload(&a);
+        let mut b = I440fxHostBridge::new(p.clone());
+        let mut bad = good.clone();
+        bad[2] ^= 1; // device ID
+        assert!(load(&mut b, &bad).is_err());
+        let mut bad = good.clone();
+        bad[I440FX_PAM as usize] = 0x01; // PAM0 low nibble is reserved
+        assert!(load(&mut b, &bad).is_err());
+        let mut bad = good.clone();
+        bad[256] = 0xff; // write mask of the vendor ID (byte 0)
+        assert!(load(&mut b, &bad).is_err());
+        assert!(p.pam.lock().unwrap().is_empty(), "nothing applied");
+        load(&mut b, &good).unwrap();
     }
 }

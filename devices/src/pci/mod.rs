@@ -330,5 +330,37 @@ impl BusDevice for PciConfigIo {
     }
 }
 
+/// Section "pci-config-io", version 1: the CONFIG_ADDRESS latch and the RCR. The functions
+/// behind it have their own sections.
+impl crate::snapshot::Snapshot for PciConfigIo {
+    fn section(&self) -> &'static str {
+        "pci-config-io"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut crate::snapshot::SectionWriter) {
+        w.put_u32(self.address);
+        w.put_u8(self.rcr);
+    }
+    fn decode(
+        &self,
+        version: u32,
+        r: &mut crate::snapshot::SectionReader<'_>,
+    ) -> Result<crate::snapshot::PendingState, crate::snapshot::SnapshotError> {
+        crate::snapshot::check_version(r, version, 1)?;
+        let address = r.get_u32()?;
+        let rcr = r.get_u8()?;
+        if address & !CONFIG_ADDRESS_MASK != 0 || rcr & !RCR_SYS_RST != 0 {
+            return Err(r.bad(format!("CONFIG_ADDRESS {address:#x} / RCR {rcr:#x}")));
+        }
+        Ok(crate::snapshot::PendingState::new((address, rcr)))
+    }
+    fn apply(&mut self, state: crate::snapshot::PendingState) -> Result<(), crate::snapshot::SnapshotError> {
+        (self.address, self.rcr) = state.downcast(self.section())?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests;

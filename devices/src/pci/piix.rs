@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use crate::bus::Bus;
 use crate::irq::IrqSink;
+use crate::snapshot::{check_version, PendingState, SectionReader, SectionWriter, Snapshot, SnapshotError};
 
 use super::{
-    BarKind, CommandWatch, ConfigSpace, PciBuses, PciError, PciFunction, PciHeader, RegionTarget, Window,
-    DEFAULT_SUBSYSTEM_ID, DEFAULT_SUBSYSTEM_VENDOR_ID, PCI_COMMAND, PCI_COMMAND_MASTER,
+    BarKind, CommandWatch, ConfigSpace, ConfigSpaceState, PciBuses, PciError, PciFunction, PciHeader,
+    RegionTarget, Window, DEFAULT_SUBSYSTEM_ID, DEFAULT_SUBSYSTEM_VENDOR_ID, PCI_COMMAND, PCI_COMMAND_MASTER,
     PCI_HEADER_MULTI_FUNCTION, PCI_STATUS, PCI_STATUS_DEVSEL_MEDIUM, PCI_STATUS_FAST_BACK,
 };
 
@@ -267,6 +268,91 @@ impl PciFunction for Piix4Pm {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Save/restore: each function's section is its config space (version 1); restoring repeats the
+// side effects of the guest writes that produced it.
+
+fn decode_cs(
+    cs: &ConfigSpace,
+    version: u32,
+    r: &mut SectionReader<'_>,
+) -> Result<PendingState, SnapshotError> {
+    check_version(r, version, 1)?;
+    Ok(PendingState::new(cs.decode_state(r)?))
+}
+
+/// Section "piix3-isa". Restore reports all four PIRQ routes to the interrupt sink.
+impl Snapshot for Piix3Isa {
+    fn section(&self) -> &'static str {
+        "piix3-isa"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        self.cs.save_state(w);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        decode_cs(&self.cs, version, r)
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        let st: ConfigSpaceState = state.downcast(self.cs.name())?;
+        self.cs.apply_state(&st);
+        for link in 0..4u8 {
+            self.irq.set_pci_link_route(link, self.link_route(link));
+        }
+        Ok(())
+    }
+}
+
+/// Section "piix3-ide". Restore maps the bus-master BAR where the saved registers place it and
+/// updates the command mirror the DMA engine reads. (The IDE device state is [`IdeController`]'s
+/// own section.)
+///
+/// [`IdeController`]: crate::storage::IdeController
+impl Snapshot for Piix3Ide {
+    fn section(&self) -> &'static str {
+        "piix3-ide"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        self.cs.save_state(w);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        decode_cs(&self.cs, version, r)
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        let st: ConfigSpaceState = state.downcast(self.cs.name())?;
+        self.cs.apply_state(&st);
+        Ok(())
+    }
+}
+
+/// Section "piix4-pm". Restore maps the PM I/O block at the saved PMBA if PMIOSE is set. (The PM
+/// registers are the "pm-io" section of [`crate::chipset::Piix4Pm`].)
+impl Snapshot for Piix4Pm {
+    fn section(&self) -> &'static str {
+        "piix4-pm"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        self.cs.save_state(w);
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        decode_cs(&self.cs, version, r)
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        let st: ConfigSpaceState = state.downcast(self.cs.name())?;
+        self.cs.apply_state(&st);
+        self.update_window();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,5 +527,109 @@ mod tests {
         pm.config_write(0xd0, 0x0009_0000, 0x4);
         assert_eq!(pm.config_read(0x90), 0xb101);
         assert_eq!(pm.config_read(0xd0) >> 16 & 0xff, 0x09);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::bus::{AccessRules, BusDevice, IoResult, RegionId};
+    use crate::irq::{IrqEvent, RecordingIrqSink};
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+    use crate::snapshot::SnapshotError;
+    use std::sync::Mutex;
+
+    struct Nop;
+    impl BusDevice for Nop {
+        fn read(&mut self, _r: RegionId, _o: u64, data: &mut [u8]) -> IoResult {
+            data.fill(0x11);
+            IoResult::Done
+        }
+        fn write(&mut self, _r: RegionId, _o: u64, _d: &[u8]) -> IoResult {
+            IoResult::Done
+        }
+    }
+
+    fn buses() -> PciBuses {
+        PciBuses { pio: Arc::new(Bus::new("pio")), mmio: Arc::new(Bus::new("mmio")) }
+    }
+    fn target() -> RegionTarget {
+        RegionTarget::new(Arc::new(Mutex::new(Nop)), 0, AccessRules::BYTES)
+    }
+
+    #[test]
+    fn isa_routes_reported_on_restore() {
+        let mut a = Piix3Isa::new(Arc::new(RecordingIrqSink::default()));
+        a.config_write(PIIX_PIRQRC, 0x800b_0a05, 0xf);
+        let blob = payload(&a);
+        let sink = Arc::new(RecordingIrqSink::default());
+        let mut b = Piix3Isa::new(sink.clone());
+        assert_prefixes_fail(&b, &blob);
+        load(&mut b, &blob).unwrap();
+        assert_eq!(
+            sink.take(),
+            vec![
+                IrqEvent::Route(0, Some(5)),
+                IrqEvent::Route(1, Some(10)),
+                IrqEvent::Route(2, Some(11)),
+                IrqEvent::Route(3, None)
+            ]
+        );
+        assert_eq!(b.config_read(PIIX_PIRQRC), 0x800b_0a05);
+        // Reserved PIRQRC bits 6:4 can never be set by a guest.
+        let mut bad = blob.clone();
+        bad[PIIX_PIRQRC as usize] |= 0x10;
+        assert!(matches!(load(&mut b, &bad), Err(SnapshotError::BadValue { .. })));
+        assert!(sink.take().is_empty());
+    }
+
+    #[test]
+    fn ide_bus_master_bar_remapped() {
+        let ba = buses();
+        let mut a = Piix3Ide::new(&ba, target()).unwrap();
+        a.config_write(0x20, 0xc041, 0xf);
+        a.config_write(PCI_COMMAND, 0x5, 0x3);
+        assert_eq!(a.bm_base(), Some(0xc040));
+        let blob = payload(&a);
+
+        let bb = buses();
+        let mut b = Piix3Ide::new(&bb, target()).unwrap();
+        let watch = b.command_watch();
+        load(&mut b, &blob).unwrap();
+        assert_eq!(b.bm_base(), Some(0xc040));
+        assert!(bb.pio.is_claimed(0xc040) && bb.pio.is_claimed(0xc04f));
+        assert!(b.bus_master_enabled());
+        assert_eq!(watch.load(Ordering::Acquire), 0x5);
+        let mut d = [0u8];
+        bb.pio.read_sync(0xc042, &mut d);
+        assert_eq!(d[0], 0x11);
+        // The I/O-space indicator bit of the BAR is hard-wired.
+        let mut bad = blob.clone();
+        bad[0x20] &= !1;
+        assert!(load(&mut Piix3Ide::new(&buses(), target()).unwrap(), &bad).is_err());
+    }
+
+    #[test]
+    fn pm_block_mapped_at_saved_pmba() {
+        let pa = Arc::new(Bus::new("pio"));
+        let mut a = Piix4Pm::new(pa, target());
+        a.config_write(PIIX4_PMBA, 0xb001, 0xf);
+        a.config_write(PIIX4_PMREGMISC, 1, 0x1);
+        let blob = payload(&a);
+        let pb = Arc::new(Bus::new("pio"));
+        let mut b = Piix4Pm::new(pb.clone(), target());
+        // Already mapped elsewhere: restore moves it.
+        b.config_write(PIIX4_PMBA, 0x0601, 0xf);
+        b.config_write(PIIX4_PMREGMISC, 1, 0x1);
+        assert!(pb.is_claimed(0x600));
+        load(&mut b, &blob).unwrap();
+        assert_eq!(b.pm_base(), Some(0xb000));
+        assert_eq!(b.pm_mapped(), Some(0xb000));
+        assert!(pb.is_claimed(0xb03f) && !pb.is_claimed(0x600));
+        // A fresh function without PMIOSE saved stays unmapped.
+        let c = Piix4Pm::new(Arc::new(Bus::new("pio")), target());
+        load(&mut b, &payload(&c)).unwrap();
+        assert_eq!(b.pm_mapped(), None);
+        assert!(!pb.is_claimed(0xb000));
     }
 }

@@ -307,3 +307,28 @@ fn config_io_reset_clears_latches() {
     io.read(0, 1, &mut d);
     assert_eq!(d, [0]);
 }
+
+#[test]
+fn config_io_latch_roundtrip() {
+    use crate::snapshot::testing::{load, payload};
+    let root = Arc::new(Mutex::new(PciRoot::new()));
+    let p = Arc::new(RecordingPlatform::default());
+    let mut a = PciConfigIo::new(root.clone(), p.clone());
+    a.write(0, 0, &0x8000_0810u32.to_le_bytes());
+    a.write(0, 1, &[RCR_SYS_RST]);
+    let blob = payload(&a);
+    let mut b = PciConfigIo::new(root, p.clone());
+    load(&mut b, &blob).unwrap();
+    assert_eq!(b.config_address(), 0x8000_0810);
+    let mut d = [0u8];
+    b.read(0, 1, &mut d);
+    assert_eq!(d[0], RCR_SYS_RST);
+    assert!(p.events.lock().unwrap().is_empty());
+    let mut bad = blob.clone();
+    bad[0] = 0x13; // low address bits do not exist
+    assert!(load(&mut b, &bad).is_err());
+    let mut bad = blob;
+    bad[4] = RCR_RST_CPU;
+    assert!(load(&mut b, &bad).is_err());
+    assert_eq!(b.config_address(), 0x8000_0810);
+}

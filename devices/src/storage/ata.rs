@@ -619,6 +619,77 @@ impl AtaDisk {
     }
 }
 
+// ---- save/restore (used by the IDE controller's section) ----
+
+/// The guest-settable parameters of a disk, decoded and validated.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AtaDiskState {
+    current_chs: Chs,
+    multiple: u8,
+    write_cache: bool,
+    mode: XferMode,
+}
+
+impl AtaDisk {
+    /// Capacity (checked on restore: the image must be the same size) and the settings a guest
+    /// changes with INITIALIZE DEVICE PARAMETERS, SET MULTIPLE MODE and SET FEATURES.
+    pub(crate) fn save_state(&self, w: &mut crate::snapshot::SectionWriter) {
+        w.put_u64(self.sectors);
+        let c = self.current_chs;
+        for v in [c.cylinders, c.heads, c.sectors] {
+            w.put_u32(v);
+        }
+        w.put_u8(self.multiple);
+        w.put_bool(self.write_cache);
+        let (tag, m) = match self.mode {
+            XferMode::Pio => (0, 0),
+            XferMode::Mwdma(m) => (1, m),
+            XferMode::Udma(m) => (2, m),
+        };
+        w.put_u8(tag);
+        w.put_u8(m);
+    }
+
+    pub(crate) fn decode_state(
+        &self,
+        r: &mut crate::snapshot::SectionReader<'_>,
+    ) -> Result<AtaDiskState, crate::snapshot::SnapshotError> {
+        let sectors = r.get_u64()?;
+        let (cylinders, heads, spt) = (r.get_u32()?, r.get_u32()?, r.get_u32()?);
+        let multiple = r.get_u8()?;
+        let write_cache = r.get_bool()?;
+        let mode = match (r.get_u8()?, r.get_u8()?) {
+            (0, 0) => XferMode::Pio,
+            (1, m @ 0..=2) => XferMode::Mwdma(m),
+            (2, m @ 0..=5) => XferMode::Udma(m),
+            (t, m) => return Err(r.bad(format!("ATA transfer mode {t}/{m}"))),
+        };
+        if sectors != self.sectors {
+            return Err(r.bad(format!("disk has {} sectors, the saved one had {sectors}", self.sectors)));
+        }
+        // What INITIALIZE DEVICE PARAMETERS can produce; zero would divide by zero later.
+        if !(1..=65535).contains(&cylinders) || !(1..=16).contains(&heads) || !(1..=255).contains(&spt) {
+            return Err(r.bad(format!("CHS translation {cylinders}/{heads}/{spt}")));
+        }
+        if multiple > MAX_MULTIPLE || (multiple != 0 && !multiple.is_power_of_two()) {
+            return Err(r.bad(format!("multiple count {multiple}")));
+        }
+        Ok(AtaDiskState { current_chs: Chs { cylinders, heads, sectors: spt }, multiple, write_cache, mode })
+    }
+
+    pub(crate) fn apply_state(&mut self, st: &AtaDiskState) {
+        self.current_chs = st.current_chs;
+        self.multiple = st.multiple;
+        self.write_cache = st.write_cache;
+        self.mode = st.mode;
+    }
+
+    /// Whether `count` sectors from `lba` lie on the disk.
+    pub(crate) fn range_ok(&self, lba: u64, count: u32) -> bool {
+        self.check_range(lba, count).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::image::MemImage;

@@ -43,6 +43,7 @@ use super::image::BlockBackend;
 use crate::bus::{AccessRules, Bus, BusDevice, BusError, IoResult, RegionId};
 use crate::irq::IsaIrq;
 use crate::mem::GuestRam;
+use crate::snapshot::{check_version, PendingState, SectionReader, SectionWriter, Snapshot, SnapshotError};
 use crate::warn_limited;
 
 pub const REGION_PRIMARY_CMD: RegionId = 0;
@@ -773,6 +774,295 @@ impl BusDevice for IdeController {
             }
         }
         IoResult::Done
+    }
+}
+
+// ---- save/restore: section "ide", version 1 ----
+//
+// Saved per channel: selected unit, device control, pending interrupt, bus-master registers and a
+// DMA command armed but not started; per drive: task file, status, error, the PIO data phase
+// (current DRQ block with position, and the rest of the transfer) and the disk's settable
+// parameters. Attached images are configuration: the stream must match which slots hold a disk
+// (and their size). In this version DMA runs to completion inside the access that starts it, so
+// a quiesced controller (vCPUs stopped, no access in progress) never has a transfer in flight;
+// an asynchronous engine would have to drain before saving.
+
+/// Largest PIO block: READ/WRITE MULTIPLE with the maximum multiple count.
+const MAX_PIO_BLOCK: usize = super::ata::MAX_MULTIPLE as usize * SECTOR_SIZE;
+
+enum PioState {
+    Idle,
+    In { buf: Vec<u8>, pos: usize, rest: Option<SectorXfer> },
+    Out { buf: Vec<u8>, pos: usize, xfer: SectorXfer },
+}
+
+struct DriveState {
+    tf: Taskfile,
+    status: u8,
+    error: u8,
+    pio: PioState,
+    disk: Option<super::ata::AtaDiskState>,
+}
+
+struct ChannelState {
+    unit: usize,
+    ctl: u8,
+    irq_pending: bool,
+    bm_cmd: u8,
+    bm_status: u8,
+    bm_prd: u32,
+    dma: Option<(usize, SectorXfer)>,
+    drives: [DriveState; 2],
+}
+
+fn put_xfer(w: &mut SectionWriter, x: &SectorXfer) {
+    w.put_u64(x.lba);
+    w.put_u32(x.count);
+    w.put_bool(x.write);
+    w.put_bool(x.dma);
+    w.put_u32(x.block);
+    w.put_bool(x.ext);
+}
+
+fn get_xfer(r: &mut SectionReader<'_>) -> Result<SectorXfer, SnapshotError> {
+    Ok(SectorXfer {
+        lba: r.get_u64()?,
+        count: r.get_u32()?,
+        write: r.get_bool()?,
+        dma: r.get_bool()?,
+        block: r.get_u32()?,
+        ext: r.get_bool()?,
+    })
+}
+
+fn put_tf(w: &mut SectionWriter, t: &Taskfile) {
+    w.put_raw(&[
+        t.feature,
+        t.hob_feature,
+        t.count,
+        t.hob_count,
+        t.lba_low,
+        t.lba_mid,
+        t.lba_high,
+        t.hob_lba_low,
+        t.hob_lba_mid,
+        t.hob_lba_high,
+        t.device,
+        t.command,
+    ]);
+}
+
+fn get_tf(r: &mut SectionReader<'_>) -> Result<Taskfile, SnapshotError> {
+    let b = r.get_array::<12>()?;
+    Ok(Taskfile {
+        feature: b[0],
+        hob_feature: b[1],
+        count: b[2],
+        hob_count: b[3],
+        lba_low: b[4],
+        lba_mid: b[5],
+        lba_high: b[6],
+        hob_lba_low: b[7],
+        hob_lba_mid: b[8],
+        hob_lba_high: b[9],
+        device: b[10],
+        command: b[11],
+    })
+}
+
+/// A transfer the disk could have been asked for: in range, of a sane shape.
+fn xfer_ok(disk: &AtaDisk, x: &SectorXfer, dma: bool, write: Option<bool>, min_count: u32) -> bool {
+    let block_ok =
+        if dma { x.block == 0 } else { (1..=u32::from(super::ata::MAX_MULTIPLE)).contains(&x.block) };
+    x.dma == dma
+        && write.is_none_or(|w| w == x.write)
+        && block_ok
+        && (min_count..=65536).contains(&x.count)
+        && disk.range_ok(x.lba, x.count)
+}
+
+impl Channel {
+    fn save_state(&self, w: &mut SectionWriter) {
+        // unit is 0 or 1.
+        w.put_u8(self.unit as u8);
+        w.put_u8(self.ctl);
+        w.put_bool(self.irq_pending);
+        w.put_u8(self.bm_cmd);
+        w.put_u8(self.bm_status);
+        w.put_u32(self.bm_prd);
+        w.put_bool(self.dma.is_some());
+        if let Some(j) = &self.dma {
+            w.put_u8(j.unit as u8);
+            put_xfer(w, &j.xfer);
+        }
+        for d in &self.drives {
+            w.put_bool(d.media.is_some());
+            put_tf(w, &d.tf);
+            w.put_u8(d.status);
+            w.put_u8(d.error);
+            match &d.pio {
+                Pio::Idle => w.put_u8(0),
+                Pio::In { buf, pos, rest } => {
+                    w.put_u8(1);
+                    w.put_bytes(buf);
+                    w.put_u32(*pos as u32);
+                    w.put_bool(rest.is_some());
+                    if let Some(x) = rest {
+                        put_xfer(w, x);
+                    }
+                }
+                Pio::Out { buf, pos, xfer } => {
+                    w.put_u8(2);
+                    w.put_bytes(buf);
+                    w.put_u32(*pos as u32);
+                    put_xfer(w, xfer);
+                }
+            }
+            if let Some(Media::Disk(disk)) = &d.media {
+                disk.save_state(w);
+            }
+        }
+    }
+
+    fn decode_state(&self, r: &mut SectionReader<'_>) -> Result<ChannelState, SnapshotError> {
+        let ch = self.index;
+        let unit = usize::from(r.get_u8()?);
+        let ctl = r.get_u8()?;
+        let irq_pending = r.get_bool()?;
+        let bm_cmd = r.get_u8()?;
+        let bm_status = r.get_u8()?;
+        let bm_prd = r.get_u32()?;
+        if unit > 1 || bm_cmd & !(BM_CMD_START | BM_CMD_TO_MEMORY) != 0 || bm_prd & 3 != 0 {
+            return Err(r.bad(format!("ide{ch}: unit {unit}, BM command {bm_cmd:#x}, PRD {bm_prd:#x}")));
+        }
+        let dma = if r.get_bool()? { Some((usize::from(r.get_u8()?), get_xfer(r)?)) } else { None };
+        let mut drives = Vec::with_capacity(2);
+        for (i, cur) in self.drives.iter().enumerate() {
+            let present = r.get_bool()?;
+            let tf = get_tf(r)?;
+            let status = r.get_u8()?;
+            let error = r.get_u8()?;
+            let pio = match r.get_u8()? {
+                0 => PioState::Idle,
+                1 => {
+                    let buf = r.get_bytes(MAX_PIO_BLOCK)?;
+                    let pos = r.get_u32()? as usize;
+                    let rest = if r.get_bool()? { Some(get_xfer(r)?) } else { None };
+                    PioState::In { buf, pos, rest }
+                }
+                2 => {
+                    let buf = r.get_bytes(MAX_PIO_BLOCK)?;
+                    let pos = r.get_u32()? as usize;
+                    PioState::Out { buf, pos, xfer: get_xfer(r)? }
+                }
+                t => return Err(r.bad(format!("ide{ch}.{i}: PIO state {t}"))),
+            };
+            let disk = match &cur.media {
+                Some(Media::Disk(disk)) if present => {
+                    let st = disk.decode_state(r)?;
+                    let ok = match &pio {
+                        PioState::Idle => true,
+                        PioState::In { buf, pos, rest } => {
+                            !buf.is_empty()
+                                && *pos <= buf.len()
+                                && rest.as_ref().is_none_or(|x| xfer_ok(disk, x, false, Some(false), 0))
+                        }
+                        PioState::Out { buf, pos, xfer } => {
+                            xfer_ok(disk, xfer, false, Some(true), 1)
+                                && buf.len() == xfer.block.min(xfer.count) as usize * SECTOR_SIZE
+                                && *pos <= buf.len()
+                        }
+                    };
+                    if !ok {
+                        return Err(r.bad(format!("ide{ch}.{i}: inconsistent PIO transfer state")));
+                    }
+                    if let Some((u, x)) = &dma {
+                        if *u == i && !xfer_ok(disk, x, true, None, 1) {
+                            return Err(r.bad(format!("ide{ch}.{i}: bad queued DMA transfer")));
+                        }
+                    }
+                    Some(st)
+                }
+                None if !present => {
+                    if !matches!(pio, PioState::Idle) {
+                        return Err(r.bad(format!("ide{ch}.{i}: data phase on an empty slot")));
+                    }
+                    None
+                }
+                _ => {
+                    return Err(r.bad(format!(
+                        "ide{ch}.{i}: saved with{} a disk, attached with{}",
+                        if present { "" } else { "out" },
+                        if cur.media.is_some() { "" } else { "out" }
+                    )))
+                }
+            };
+            drives.push(DriveState { tf, status, error, pio, disk });
+        }
+        if let Some((u, _)) = &dma {
+            if drives.get(*u).is_none_or(|d| d.disk.is_none()) {
+                return Err(r.bad(format!("ide{ch}: DMA queued for an empty slot")));
+            }
+        }
+        let drives: [DriveState; 2] = drives.try_into().map_err(|_| r.bad("drive count"))?;
+        Ok(ChannelState { unit, ctl, irq_pending, bm_cmd, bm_status, bm_prd, dma, drives })
+    }
+
+    fn apply_state(&mut self, st: ChannelState) {
+        self.unit = st.unit;
+        self.ctl = st.ctl;
+        self.irq_pending = st.irq_pending;
+        self.bm_cmd = st.bm_cmd;
+        self.bm_status = st.bm_status;
+        self.bm_prd = st.bm_prd;
+        self.dma = st.dma.map(|(unit, xfer)| DmaJob { unit, xfer });
+        for (d, s) in self.drives.iter_mut().zip(st.drives) {
+            d.tf = s.tf;
+            d.status = s.status;
+            d.error = s.error;
+            d.pio = match s.pio {
+                PioState::Idle => Pio::Idle,
+                PioState::In { buf, pos, rest } => Pio::In { buf, pos, rest },
+                PioState::Out { buf, pos, xfer } => Pio::Out { buf, pos, xfer },
+            };
+            if let (Some(Media::Disk(disk)), Some(ds)) = (&mut d.media, &s.disk) {
+                disk.apply_state(ds);
+            }
+        }
+        // Drive the line directly: update_irq() would also latch the bus-master interrupt bit,
+        // which the restored status already holds as the guest left it.
+        let level = self.irq_pending && self.ctl & CTL_NIEN == 0;
+        if level != self.irq_level {
+            self.irq_level = level;
+            self.irq.set_level(level);
+        }
+    }
+}
+
+impl Snapshot for IdeController {
+    fn section(&self) -> &'static str {
+        "ide"
+    }
+    fn section_version(&self) -> u32 {
+        1
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        for ch in &self.channels {
+            ch.save_state(w);
+        }
+    }
+    fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
+        check_version(r, version, 1)?;
+        let a = self.channels[0].decode_state(r)?;
+        let b = self.channels[1].decode_state(r)?;
+        Ok(PendingState::new([a, b]))
+    }
+    fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
+        let st: [ChannelState; 2] = state.downcast(self.section())?;
+        for (ch, s) in self.channels.iter_mut().zip(st) {
+            ch.apply_state(s);
+        }
+        Ok(())
     }
 }
 
@@ -1531,5 +1821,139 @@ mod tests {
         assert_eq!(r.inb(0x1f7), 0x58); // DRQ still set: SeaBIOS's -7
         assert_eq!(r.pio_read16(1).len(), 512);
         assert_eq!(r.inb(0x1f7), 0x50);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::super::ata::cmd;
+    use super::super::image::MemImage;
+    use super::*;
+    use crate::irq::RecordingIrqSink;
+    use crate::mem::TestRam;
+    use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+    struct Rig {
+        ctrl: IdeController,
+        irqs: Arc<RecordingIrqSink>,
+        mem: Arc<TestRam>,
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 512) as u8).collect()
+    }
+
+    impl Rig {
+        /// A controller with the same 64-sector disk contents at 0:0 (and optionally 1:1).
+        fn new(second: bool) -> Rig {
+            let irqs = Arc::new(RecordingIrqSink::default());
+            let mem = Arc::new(TestRam::new(0x10_0000));
+            let mut ctrl =
+                IdeController::new(mem.clone(), IsaIrq::new(irqs.clone(), 14), IsaIrq::new(irqs.clone(), 15));
+            let img = MemImage::new(pattern(64 * SECTOR_SIZE), false);
+            ctrl.attach(0, 0, Box::new(img), DriveKind::Disk).unwrap();
+            if second {
+                let img = MemImage::new(vec![0; 64 * SECTOR_SIZE], false);
+                ctrl.attach(1, 1, Box::new(img), DriveKind::Disk).unwrap();
+            }
+            irqs.take();
+            Rig { ctrl, irqs, mem }
+        }
+        fn outb(&mut self, region: RegionId, off: u64, v: u8) {
+            self.ctrl.write(region, off, &[v]);
+        }
+        fn inb(&mut self, region: RegionId, off: u64) -> u8 {
+            let mut d = [0u8];
+            self.ctrl.read(region, off, &mut d);
+            d[0]
+        }
+        fn inw(&mut self) -> u16 {
+            let mut d = [0u8; 2];
+            self.ctrl.read(REGION_PRIMARY_CMD, 0, &mut d);
+            u16::from_le_bytes(d)
+        }
+        fn lba28(&mut self, command: u8, lba: u8, count: u8) {
+            self.outb(REGION_PRIMARY_CMD, 6, 0xe0);
+            self.outb(REGION_PRIMARY_CMD, 2, count);
+            self.outb(REGION_PRIMARY_CMD, 3, lba);
+            self.outb(REGION_PRIMARY_CMD, 4, 0);
+            self.outb(REGION_PRIMARY_CMD, 5, 0);
+            self.outb(REGION_PRIMARY_CMD, 7, command);
+        }
+    }
+
+    #[test]
+    fn pio_read_resumes_mid_block_after_restore() {
+        let mut a = Rig::new(false);
+        a.outb(REGION_PRIMARY_CMD, 2, 4);
+        a.outb(REGION_PRIMARY_CMD, 7, cmd::SET_MULTIPLE_MODE);
+        let _ = a.inb(REGION_PRIMARY_CMD, 7);
+        a.lba28(cmd::READ_SECTORS, 3, 3);
+        let mut got = Vec::new();
+        for _ in 0..300 {
+            got.extend_from_slice(&a.inw().to_le_bytes());
+        }
+        // Also queue a bus-master setting that must survive.
+        a.outb(REGION_BUS_MASTER, 4, 0x00);
+        a.outb(REGION_BUS_MASTER, 5, 0x20);
+        let blob = payload(&a.ctrl);
+
+        let mut b = Rig::new(false);
+        assert_prefixes_fail(&b.ctrl, &blob);
+        load(&mut b.ctrl, &blob).unwrap();
+        assert!(b.irqs.isa_level(14), "the block's interrupt is still pending");
+        assert_eq!(b.inb(REGION_BUS_MASTER, 5), 0x20);
+        assert_eq!(b.inb(REGION_PRIMARY_CMD, 7), 0x58);
+        assert!(!b.irqs.isa_level(14));
+        while got.len() < 3 * SECTOR_SIZE {
+            assert_eq!(b.inb(REGION_PRIMARY_CTL, 0) & status::DRQ, status::DRQ);
+            got.extend_from_slice(&b.inw().to_le_bytes());
+        }
+        assert_eq!(got, pattern(64 * SECTOR_SIZE)[3 * SECTOR_SIZE..6 * SECTOR_SIZE]);
+        assert_eq!(b.inb(REGION_PRIMARY_CMD, 7), 0x50);
+        // The multiple count survived: IDENTIFY word 59.
+        b.outb(REGION_PRIMARY_CMD, 7, cmd::IDENTIFY_DEVICE);
+        let id: Vec<u16> = (0..256).map(|_| b.inw()).collect();
+        assert_eq!(id[59], 0x104);
+    }
+
+    #[test]
+    fn queued_dma_runs_after_restore() {
+        let mut a = Rig::new(true);
+        a.mem.write(0x1000, &(0x2000u64 | (512u64 << 32) | (1u64 << 63)).to_le_bytes()).unwrap();
+        a.lba28(cmd::READ_DMA, 9, 1);
+        for (i, v) in [0x00u8, 0x10, 0, 0].into_iter().enumerate() {
+            a.outb(REGION_BUS_MASTER, 4 + i as u64, v);
+        }
+        let blob = payload(&a.ctrl);
+        let mut b = Rig::new(true);
+        load(&mut b.ctrl, &blob).unwrap();
+        b.mem.write(0x1000, &(0x2000u64 | (512u64 << 32) | (1u64 << 63)).to_le_bytes()).unwrap();
+        b.outb(REGION_BUS_MASTER, 0, BM_CMD_START | BM_CMD_TO_MEMORY);
+        assert!(b.irqs.isa_level(14));
+        let mut buf = vec![0u8; SECTOR_SIZE];
+        b.mem.read(0x2000, &mut buf).unwrap();
+        assert_eq!(buf, pattern(64 * SECTOR_SIZE)[9 * SECTOR_SIZE..10 * SECTOR_SIZE]);
+    }
+
+    #[test]
+    fn configuration_mismatch_and_bad_state_rejected() {
+        let a = Rig::new(true);
+        let blob = payload(&a.ctrl);
+        // Saved with a disk at 1:1, restored without.
+        let mut b = Rig::new(false);
+        assert!(load(&mut b.ctrl, &blob).is_err());
+        // A differently sized disk.
+        let mut c = Rig::new(false);
+        c.ctrl
+            .attach(1, 1, Box::new(MemImage::new(vec![0; 65 * SECTOR_SIZE], false)), DriveKind::Disk)
+            .unwrap();
+        assert!(load(&mut c.ctrl, &blob).is_err());
+        // unit 2.
+        let mut bad = blob.clone();
+        bad[0] = 2;
+        let mut d = Rig::new(true);
+        assert!(load(&mut d.ctrl, &bad).is_err());
+        load(&mut d.ctrl, &blob).unwrap();
     }
 }
