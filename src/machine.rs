@@ -75,6 +75,11 @@ pub struct Machine {
     pub mmio: Arc<Bus>,
     pci_root: Arc<Mutex<PciRoot>>,
     pci_io: Arc<Mutex<PciConfigIo>>,
+    /// The PCI functions again, typed, for save/restore (the root holds them as trait objects).
+    host: Arc<Mutex<I440fxHostBridge>>,
+    piix3: Arc<Mutex<Piix3Isa>>,
+    ide_fn: Arc<Mutex<Piix3Ide>>,
+    pm_fn: Arc<Mutex<PmFunction>>,
     cmos: Arc<Mutex<Cmos>>,
     i8042: Arc<Mutex<I8042>>,
     pm: Arc<Mutex<PmIo>>,
@@ -230,8 +235,8 @@ impl Machine {
         {
             let mut root = pci_root.lock().unwrap_or_else(|p| p.into_inner());
             root.add(DEVFN_HOST_BRIDGE, host.clone())?;
-            root.add(DEVFN_PIIX3_ISA, piix3)?;
-            root.add(DEVFN_PIIX3_IDE, ide_fn)?;
+            root.add(DEVFN_PIIX3_ISA, piix3.clone())?;
+            root.add(DEVFN_PIIX3_IDE, ide_fn.clone())?;
             root.add(DEVFN_PIIX4_PM, pm_fn.clone())?;
             // Power-on state, reported to the backend (PAM, PIRQ routes).
             root.reset();
@@ -264,6 +269,10 @@ impl Machine {
             mmio,
             pci_root,
             pci_io,
+            host,
+            piix3,
+            ide_fn,
+            pm_fn,
             cmos,
             i8042,
             pm,
@@ -409,7 +418,15 @@ impl Machine {
 
     /// Every device with state, in a fixed order, under its section name.
     fn snapshot_entries(&self) -> Vec<DeviceEntry<'_>> {
+        // PCI functions first: restoring them re-maps their BARs and the PM block, which the
+        // devices behind those regions do not depend on.
         let mut v: Vec<DeviceEntry<'_>> = vec![
+            DeviceEntry::new(&*self.pci_io),
+            DeviceEntry::new(&*self.host),
+            DeviceEntry::new(&*self.piix3),
+            DeviceEntry::new(&*self.ide_fn),
+            DeviceEntry::new(&*self.pm_fn),
+            DeviceEntry::new(&*self.ide),
             DeviceEntry::new(&*self.cmos),
             DeviceEntry::new(&*self.i8042),
             DeviceEntry::new(&*self.pm),
@@ -423,6 +440,9 @@ impl Machine {
         }
         if let Some(p) = &self.pci_hotplug {
             v.push(DeviceEntry::new(&**p));
+        }
+        if let Some(f) = &self.fw_cfg {
+            v.push(DeviceEntry::new(&**f));
         }
         v
     }
@@ -728,5 +748,42 @@ mod tests {
         m.pio.write_sync(0xb004, &(0x2001u16).to_le_bytes());
         let ev = platform.events.lock().unwrap().clone();
         assert_eq!(ev, vec![SystemEvent::Reset, SystemEvent::PowerOff]);
+    }
+
+    /// xen-save-devices-state / -incoming: a fresh machine of the same configuration continues
+    /// with the saved device state (BAR/PM mappings included), and a corrupt stream changes
+    /// nothing.
+    #[test]
+    fn device_state_round_trips_between_machines() {
+        let (a, _, _) = xen_machine(1, 2);
+        a.pci_config_write(0, 0x0b, 0x40, 4, 0xb001);
+        a.pci_config_write(0, 0x0b, 0x80, 1, 1);
+        a.pio.write_sync(0xb2, &[0xf1]);
+        a.pci_config_write(0, 0x08, 0x61, 1, 11);
+        a.pio.write_sync(0x70, &[0x40]);
+        a.pio.write_sync(0x71, &[0x5a]);
+        a.cpu_hotplug().unwrap().lock().unwrap().plug(1);
+        let stream = a.save_state().unwrap();
+
+        let (b, irq, _) = xen_machine(1, 2);
+        assert!(!b.pio.is_claimed(0xb004));
+        let mut bad = stream.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x40;
+        assert!(b.load_state(&bad).is_err());
+        assert!(!b.pio.is_claimed(0xb004), "a refused stream changes nothing");
+        b.load_state(&stream).unwrap();
+        let mut cnt = [0u8; 2];
+        b.pio.read_sync(0xb004, &mut cnt);
+        assert_eq!(u16::from_le_bytes(cnt) & 1, 1, "PM block re-mapped with SCI_EN");
+        b.pio.write_sync(0x70, &[0x40]);
+        let mut v = [0u8; 1];
+        b.pio.read_sync(0x71, &mut v);
+        assert_eq!(v[0], 0x5a);
+        assert!(irq.take().contains(&hvmdm_devices::irq::IrqEvent::Route(1, Some(11))));
+        assert_eq!(b.cpu_hotplug().unwrap().lock().unwrap().present(), vec![0, 1]);
+        // A machine with another vCPU maximum refuses the stream.
+        let (c, _, _) = xen_machine(1, 1);
+        assert!(c.load_state(&stream).is_err());
     }
 }
