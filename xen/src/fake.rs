@@ -217,11 +217,12 @@ impl FakeXen {
         p.store_u32(slot(wr) + 4, data as u32, Ordering::Relaxed);
         let mut used = 1;
         if size == 8 {
-            p.store_u32(slot(wr + 1), word0, Ordering::Relaxed);
-            p.store_u32(slot(wr + 1) + 4, (data >> 32) as u32, Ordering::Relaxed);
+            // Free-running pointers: wrap like Xen's unsigned arithmetic.
+            p.store_u32(slot(wr.wrapping_add(1)), word0, Ordering::Relaxed);
+            p.store_u32(slot(wr.wrapping_add(1)) + 4, (data >> 32) as u32, Ordering::Relaxed);
             used = 2;
         }
-        p.store_u32(BUFIOREQ_OFF_WRITE_POINTER, wr + used, Ordering::Release);
+        p.store_u32(BUFIOREQ_OFF_WRITE_POINTER, wr.wrapping_add(used), Ordering::Release);
         let local = self.local_port_of(FAKE_BUF_EPORT)?;
         self.raise(local);
         Some(local)
