@@ -132,6 +132,10 @@ impl<'a, P: SharedPage + ?Sized> BufferedRing<'a, P> {
                             "buffered ioreq: port {:#x} out of range, dropped",
                             req.addr
                         );
+                    } else if req.ty == IoreqType::Pio && size > 4 {
+                        // Ports take 1, 2 or 4 bytes (found by the ioreq fuzzer).
+                        stats.dropped += 1;
+                        warn_limited!("bufioreq-pio-size", "buffered ioreq: {size}-byte port write, dropped");
                     } else {
                         stats.delivered += 1;
                         f(&req);
