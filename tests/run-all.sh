@@ -4,7 +4,9 @@
 #   2. unit lane: cargo fmt --check, clippy -D warnings, cargo test (every crate), brief fuzzing
 #   3. lane K: real SeaBIOS/OVMF + Debian Linux guests on real KVM nested in a TCG VM
 #      (tests/lanes/run-lane-k.sh builds and caches the guest kit and the outer VM)
-# The last line is the lane-K checker's "N passed, M failed, K skipped" summary.
+#   4. lane X: real Xen 4.17 + libxl in a TCG VM; `xl create` with hvmdm as the device model, and
+#      the same scenario with Debian's qemu-xen (harness honesty) (tests/lanex/run-lane-x.sh)
+# The last line sums both lanes' checkers: "lanes: N passed, M failed, K skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
@@ -29,4 +31,24 @@ if oq=$(bash tests/lanes/build-outer-qemu.sh); then
 else
     echo "lane K: patched outer QEMU unavailable; OVMF scenarios will be blocked by the TCG trap" >&2
 fi
-bash tests/lanes/run-lane-k.sh
+set +e
+bash tests/lanes/run-lane-k.sh 2>&1 | tee /tmp/hvmdm-lanek.log
+k_rc=${PIPESTATUS[0]}
+
+echo "== lane X"
+# One outer Xen boot runs the scenarios in order (~5 min each under TCG, plus ~3 min to build the
+# dom0 root fs on a fresh machine).
+LANEX_TIMEOUT=${LANEX_TIMEOUT:-1800} LANEX_TOTAL_TIMEOUT=${LANEX_TOTAL_TIMEOUT:-2400} \
+    bash tests/lanex/run-lane-x.sh ${LANEX_SCENARIOS:-hvmdm-ide qemu-xen-ide} 2>&1 | tee /tmp/hvmdm-lanex.log
+x_rc=${PIPESTATUS[0]}
+
+# Sum the two checkers' closing lines ("N passed, M failed[, K skipped]").
+sum() { grep -E '^[0-9]+ passed, [0-9]+ failed' "$1" | tail -1; }
+read -r kp kf ks < <(sum /tmp/hvmdm-lanek.log | sed -E 's/^([0-9]+) passed, ([0-9]+) failed(, ([0-9]+) skipped)?.*/\1 \2 \4/')
+read -r xp xf xs < <(sum /tmp/hvmdm-lanex.log | sed -E 's/^([0-9]+) passed, ([0-9]+) failed(, ([0-9]+) skipped)?.*/\1 \2 \4/')
+p=$(( ${kp:-0} + ${xp:-0} )); f=$(( ${kf:-0} + ${xf:-0} )); sk=$(( ${ks:-0} + ${xs:-0} ))
+# A lane that printed no summary failed as a whole.
+[ -n "${kp:-}" ] || f=$((f + 1))
+[ -n "${xp:-}" ] || f=$((f + 1))
+echo "lanes: $p passed, $f failed, $sk skipped"
+[ "$k_rc" -eq 0 ] && [ "$x_rc" -eq 0 ] && [ "$f" -eq 0 ]
