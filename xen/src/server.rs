@@ -29,8 +29,8 @@ use crate::error::XenError;
 use crate::evtchn::EventChannels;
 use crate::foreign::{ForeignMemory, ResourceMapping};
 use crate::ioreq::{
-    all_ones, complete, fetch, process, BufferedRing, DrainStats, Invalid, Ioreq, IoreqError,
-    IoreqHandler, IoreqSlot, Outcome, PciSbdf,
+    all_ones, complete, fetch, process, BufferedRing, DrainStats, Invalid, Ioreq, IoreqError, IoreqHandler,
+    IoreqSlot, Outcome, PciSbdf,
 };
 use crate::sys::ioreq::{
     xenmem_resource_ioreq_server_frame_ioreq, IOREQ_SLOTS_PER_PAGE, STATE_IOREQ_READY,
@@ -541,7 +541,9 @@ impl<D: DeviceModelOps, E: EventChannels, F: ForeignMemory> IoreqServer<D, E, F>
                 }))
             }
             Err(IoreqError::NotReady(_)) => Ok(Event::Done(EventOutcome::Spurious { vcpu })),
-            Err(IoreqError::StateChanged(state)) => Ok(Event::Done(EventOutcome::StateChanged { vcpu, state })),
+            Err(IoreqError::StateChanged(state)) => {
+                Ok(Event::Done(EventOutcome::StateChanged { vcpu, state }))
+            }
         }
     }
 
@@ -672,7 +674,9 @@ impl WorkerCtx {
         let result = match out {
             Ok(out) => f.finish(out),
             Err(_) => {
-                log::error!("vCPU {vcpu}: device model panicked executing {req:?}; answering with the default");
+                log::error!(
+                    "vCPU {vcpu}: device model panicked executing {req:?}; answering with the default"
+                );
                 self.report(WorkerReport::Panicked { vcpu });
                 f.abandon()
             }
@@ -782,7 +786,9 @@ where
             match spawn_worker(vcpu, self.ctx.clone()) {
                 Ok(w) => *entry = Some(w),
                 Err(e) => {
-                    log::error!("vCPU {vcpu}: cannot start an ioreq worker ({e}); executing on the event loop");
+                    log::error!(
+                        "vCPU {vcpu}: cannot start an ioreq worker ({e}); executing on the event loop"
+                    );
                     self.ctx.execute(f, None);
                     return;
                 }
@@ -806,7 +812,10 @@ where
 
     /// Whether `vcpu` has a request queued or running on its worker.
     pub fn busy(&self, vcpu: u32) -> bool {
-        self.workers.get(vcpu as usize).and_then(Option::as_ref).is_some_and(|w| w.busy.load(Ordering::SeqCst))
+        self.workers
+            .get(vcpu as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|w| w.busy.load(Ordering::SeqCst))
     }
 
     /// Requests answered normally so far (statistics, tests).
