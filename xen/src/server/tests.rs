@@ -400,3 +400,323 @@ fn teardown_is_idempotent_and_survives_errors() {
     drop(srv);
     assert_eq!(fake.calls(), after_first);
 }
+
+// ---- Asynchronous completion: take_event + Fetched + VcpuWorkers ----
+
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::fake::FakeResource;
+use crate::ioreq::{process, Ioreq, IoreqType, Outcome};
+
+type Req = Fetched<FakeResource, FakeXen>;
+type Workers = VcpuWorkers<FakeResource, FakeXen>;
+
+#[test]
+fn fetched_requests_and_workers_are_send() {
+    fn send<T: Send + 'static>() {}
+    send::<Req>();
+    send::<Workers>();
+    #[cfg(feature = "xen-libs")]
+    {
+        use crate::evtchn::XenEventChannels;
+        use crate::foreign::XenResourceMapping;
+        send::<Fetched<XenResourceMapping, XenEventChannels>>();
+        send::<VcpuWorkers<XenResourceMapping, XenEventChannels>>();
+    }
+}
+
+/// Polls `cond` for up to 5 s (workers run on other threads).
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn take(srv: &mut Srv, dev: &mut Ports) -> Req {
+    match srv.take_pending(dev, &TestRam::new(0)).unwrap() {
+        Some(Event::Request(f)) => f,
+        other => panic!("expected a request, got {other:?}"),
+    }
+}
+
+/// An executor for which a read of port 0x1f0 (the "disk") blocks until `gate` releases it and
+/// reports on `started` when it begins; every other read answers 0x42.
+fn slow_disk_exec(started: mpsc::Sender<u32>, gate: mpsc::Receiver<u64>) -> IoreqExec {
+    let started = Mutex::new(started);
+    let gate = Mutex::new(gate);
+    Arc::new(move |vcpu, req: &Ioreq| {
+        if req.ty == IoreqType::Pio && req.addr == 0x1f0 {
+            started.lock().unwrap().send(vcpu).unwrap();
+            let v = gate.lock().unwrap().recv_timeout(Duration::from_secs(10)).unwrap_or(0xdead);
+            return Outcome::Reply(v);
+        }
+        Outcome::Reply(0x42)
+    })
+}
+
+#[test]
+fn slow_request_of_one_vcpu_does_not_block_another() {
+    let fake = Arc::new(FakeXen::new(2, 0));
+    let mut srv = start(&fake, 2).unwrap();
+    let (p0, p1) = (srv.vcpu_port(0).unwrap(), srv.vcpu_port(1).unwrap());
+    let (started_tx, started) = mpsc::channel();
+    let (gate, gate_rx) = mpsc::channel();
+    let mut workers = Workers::new(2, slow_disk_exec(started_tx, gate_rx));
+    let mut dev = Ports::default();
+    fake.clear_calls();
+
+    fake.post_ioreq(0, &pio(0x1f0, 2, true, 0)).unwrap();
+    let f0 = take(&mut srv, &mut dev);
+    assert_eq!((f0.vcpu(), f0.request().addr), (0, 0x1f0));
+    assert!(srv.in_flight(0));
+    workers.dispatch(f0);
+    assert_eq!(started.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+    assert!(workers.busy(0));
+
+    // vCPU 1 is served to completion while vCPU 0's request is still blocked in its device.
+    fake.post_ioreq(1, &pio(0x60, 1, true, 0)).unwrap();
+    let f1 = take(&mut srv, &mut dev);
+    workers.dispatch(f1);
+    wait_for("vCPU 1's answer", || fake.slot_result(1).0 == STATE_IORESP_READY);
+    assert_eq!(fake.slot_result(1), (STATE_IORESP_READY, 0x42));
+    assert_eq!(fake.slot_result(0).0, STATE_IOREQ_INPROCESS);
+    wait_for("vCPU 1's notify", || fake.calls().contains(&FakeCall::Notify(p1)));
+    assert!(!fake.calls().contains(&FakeCall::Notify(p0)));
+    assert!(srv.in_flight(0) && !srv.in_flight(1));
+    // A re-fired vCPU 0 port meanwhile is spurious: the slot is ours (INPROCESS).
+    fake.raise(p0);
+    assert!(matches!(
+        srv.take_pending(&mut dev, &TestRam::new(0)).unwrap(),
+        Some(Event::Done(EventOutcome::Spurious { vcpu: 0 }))
+    ));
+
+    gate.send(0xabcd).unwrap();
+    wait_for("vCPU 0's answer", || fake.slot_result(0).0 == STATE_IORESP_READY);
+    assert_eq!(fake.slot_result(0), (STATE_IORESP_READY, 0xabcd));
+    wait_for("vCPU 0's notify", || fake.calls().contains(&FakeCall::Notify(p0)));
+    wait_for("both counted", || workers.completed() == 2);
+    assert!(!srv.in_flight(0) && !workers.busy(0));
+    let calls = fake.calls();
+    let pos = |c: FakeCall| calls.iter().position(|x| *x == c).unwrap();
+    assert!(pos(FakeCall::Notify(p1)) < pos(FakeCall::Notify(p0)), "{calls:?}");
+    assert!(workers.reports().is_empty());
+    workers.shutdown();
+}
+
+#[test]
+fn dropped_request_still_answers_the_vcpu() {
+    let fake = Arc::new(FakeXen::new(1, 0));
+    let mut srv = start(&fake, 1).unwrap();
+    let port = srv.vcpu_port(0).unwrap();
+    let mut dev = Ports::default();
+
+    fake.post_ioreq(0, &pio(0x71, 2, true, 0x1234)).unwrap();
+    let f = take(&mut srv, &mut dev);
+    fake.clear_calls();
+    drop(f);
+    assert_eq!(fake.slot_result(0), (STATE_IORESP_READY, 0xffff));
+    assert_eq!(fake.calls(), vec![FakeCall::Notify(port)]);
+    assert!(!srv.in_flight(0));
+
+    // A write keeps its data; abandon() is the explicit form.
+    fake.post_ioreq(0, &pio(0x71, 1, false, 0x5)).unwrap();
+    let f = take(&mut srv, &mut dev);
+    assert_eq!(f.abandon().unwrap(), EventOutcome::Completed { vcpu: 0 });
+    assert_eq!(fake.slot_result(0), (STATE_IORESP_READY, 0x5));
+    assert!(dev.writes.is_empty() && dev.reads == 0);
+}
+
+/// Ports behind a lock, shared by the event loop (buffered writes) and the workers.
+#[derive(Clone, Default)]
+struct SharedPorts(Arc<Mutex<Ports>>);
+
+impl IoreqHandler for SharedPorts {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        self.0.lock().unwrap().pio_read(port, data)
+    }
+    fn pio_write(&mut self, port: u16, data: &[u8]) {
+        self.0.lock().unwrap().pio_write(port, data)
+    }
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.0.lock().unwrap().mmio_read(addr, data)
+    }
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        self.0.lock().unwrap().mmio_write(addr, data)
+    }
+    fn pci_config_read(&mut self, s: PciSbdf, reg: u16, data: &mut [u8]) {
+        self.0.lock().unwrap().pci_config_read(s, reg, data)
+    }
+    fn pci_config_write(&mut self, s: PciSbdf, reg: u16, data: &[u8]) {
+        self.0.lock().unwrap().pci_config_write(s, reg, data)
+    }
+}
+
+#[test]
+fn buffered_writes_run_before_the_dispatched_request() {
+    let fake = Arc::new(FakeXen::new(2, 0));
+    let mut srv = start(&fake, 2).unwrap();
+    let dev = SharedPorts::default();
+    let d = dev.clone();
+    let mut workers = Workers::with_handler(2, move |_| d.clone(), Arc::new(TestRam::new(0x1000)));
+    let mut loop_dev = dev.clone();
+    fake.post_buffered(IOREQ_TYPE_PIO, 0x80, 1, 0x11).unwrap();
+    fake.post_buffered(IOREQ_TYPE_PIO, 0x81, 1, 0x22).unwrap();
+    fake.post_ioreq(1, &pio(0x80, 2, true, 0)).unwrap();
+    let vport = srv.vcpu_port(1).unwrap();
+    // The vCPU's port is handled first: the ring is drained before the request is handed out.
+    let Event::Request(f) = srv.take_event(vport, &mut loop_dev, &TestRam::new(0)).unwrap() else {
+        panic!("expected a request")
+    };
+    assert_eq!(dev.0.lock().unwrap().writes, vec![(0x80, vec![0x11]), (0x81, vec![0x22])]);
+    workers.dispatch(f);
+    wait_for("the answer", || fake.slot_result(1).0 == STATE_IORESP_READY);
+    assert_eq!(fake.slot_result(1), (STATE_IORESP_READY, 0x2211));
+    // The buffered port fired too; its ring is already empty.
+    let bport = srv.buffered_port().unwrap();
+    let out = srv.on_event(bport, &mut loop_dev, &TestRam::new(0)).unwrap();
+    assert!(matches!(out, EventOutcome::Buffered(s) if s.delivered == 0), "{out:?}");
+}
+
+#[test]
+fn shutdown_waits_for_a_busy_worker_then_teardown() {
+    let fake = Arc::new(FakeXen::new(2, 0));
+    let mut srv = start(&fake, 2).unwrap();
+    let p0 = srv.vcpu_port(0).unwrap();
+    let (started_tx, started) = mpsc::channel();
+    let (gate, gate_rx) = mpsc::channel();
+    let mut workers = Workers::new(2, slow_disk_exec(started_tx, gate_rx));
+    let mut dev = Ports::default();
+    fake.post_ioreq(0, &pio(0x1f0, 4, true, 0)).unwrap();
+    workers.dispatch(take(&mut srv, &mut dev));
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    // Order: stop dispatching and join the workers (in-flight work finishes and is answered),
+    // then tear the server down.
+    let stopper = std::thread::spawn(move || {
+        workers.shutdown();
+        workers
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!stopper.is_finished(), "shutdown must wait for the in-flight request");
+    gate.send(7).unwrap();
+    let mut workers = stopper.join().unwrap();
+    assert_eq!(fake.slot_result(0), (STATE_IORESP_READY, 7));
+    srv.teardown();
+    let calls = fake.calls();
+    let notify = calls.iter().position(|c| *c == FakeCall::Notify(p0)).unwrap();
+    let unbind = calls.iter().position(|c| *c == FakeCall::Unbind(p0)).unwrap();
+    assert!(notify < unbind, "{calls:?}");
+    assert_eq!(calls.last(), Some(&FakeCall::Destroy { id: 3 }));
+    // A request dispatched after shutdown is not lost: it gets the default answer.
+    let mut srv = start(&fake, 2).unwrap();
+    fake.post_ioreq(1, &pio(0x1f0, 1, true, 0)).unwrap();
+    workers.dispatch(take(&mut srv, &mut dev));
+    assert_eq!(fake.slot_result(1), (STATE_IORESP_READY, 0xff));
+    assert!(started.try_recv().is_err());
+}
+
+#[test]
+fn answer_after_teardown_writes_the_slot_but_does_not_notify() {
+    let fake = Arc::new(FakeXen::new(1, 0));
+    let mut srv = start(&fake, 1).unwrap();
+    let mut dev = Ports::default();
+    fake.post_ioreq(0, &pio(0x70, 1, true, 0)).unwrap();
+    let f = take(&mut srv, &mut dev);
+    fake.clear_calls();
+    srv.teardown();
+    // The pages stay mapped while the request is alive.
+    assert!(!fake.calls().contains(&FakeCall::UnmapResource));
+    assert_eq!(f.complete(0x9).unwrap(), EventOutcome::Completed { vcpu: 0 });
+    assert_eq!(fake.slot_result(0), (STATE_IORESP_READY, 0x9));
+    let calls = fake.calls();
+    assert!(!calls.iter().any(|c| matches!(c, FakeCall::Notify(_))), "{calls:?}");
+    assert_eq!(calls.last(), Some(&FakeCall::UnmapResource));
+}
+
+#[test]
+fn new_request_while_one_is_in_flight_is_flagged_not_fetched() {
+    let fake = Arc::new(FakeXen::new(1, 0));
+    let mut srv = start(&fake, 1).unwrap();
+    let mut dev = Ports::default();
+    fake.post_ioreq(0, &pio(0x70, 1, true, 0)).unwrap();
+    let f = take(&mut srv, &mut dev);
+    // A hostile peer rewrites the slot to READY while we hold the request.
+    fake.post_ioreq(0, &pio(0x71, 1, false, 3)).unwrap();
+    let out = srv.take_pending(&mut dev, &TestRam::new(0)).unwrap();
+    assert!(
+        matches!(out, Some(Event::Done(EventOutcome::StateChanged { vcpu: 0, state: STATE_IOREQ_READY }))),
+        "{out:?}"
+    );
+    assert_eq!(fake.slot_result(0).0, STATE_IOREQ_READY);
+    // Our answer then finds the slot moved and leaves it alone.
+    fake.clear_calls();
+    assert_eq!(f.complete(1).unwrap(), EventOutcome::StateChanged { vcpu: 0, state: STATE_IOREQ_READY });
+    assert!(fake.calls().is_empty());
+    assert!(dev.writes.is_empty());
+}
+
+#[test]
+fn worker_side_effects_and_reports() {
+    let fake = Arc::new(FakeXen::new(2, 0));
+    let mut srv = start(&fake, 2).unwrap();
+    let seen = Arc::new(AtomicU8::new(0xee));
+    let (f2, s) = (fake.clone(), seen.clone());
+    srv.set_invalidate_hook(Box::new(move || s.store(f2.slot_result(1).0, Ordering::SeqCst)));
+    let exec: IoreqExec = Arc::new(|vcpu, req: &Ioreq| {
+        if req.ty == IoreqType::Pio && req.addr == 0xbad {
+            panic!("device bug on vCPU {vcpu}");
+        }
+        process(req, &mut Ports::default(), &TestRam::new(0))
+    });
+    let mut workers = Workers::new(2, exec);
+    let mut dev = Ports::default();
+
+    // INVALIDATE: the hook runs on the worker while the slot is still INPROCESS.
+    let inv =
+        IoreqRaw { addr: 0, data: !0, count: 1, size: 4, type_: IOREQ_TYPE_INVALIDATE, ..Default::default() };
+    fake.post_ioreq(1, &inv).unwrap();
+    workers.dispatch(take(&mut srv, &mut dev));
+    wait_for("invalidate answer", || fake.slot_result(1).0 == STATE_IORESP_READY);
+    assert_eq!(seen.load(Ordering::SeqCst), STATE_IOREQ_INPROCESS);
+    assert_eq!(fake.slot_result(1), (STATE_IORESP_READY, !0));
+
+    // A synchronous TIMEOFFSET is recorded in the server.
+    let to = IoreqRaw { data: 77, count: 1, size: 8, type_: IOREQ_TYPE_TIMEOFFSET, ..Default::default() };
+    fake.post_ioreq(0, &to).unwrap();
+    workers.dispatch(take(&mut srv, &mut dev));
+    wait_for("timeoffset answer", || fake.slot_result(0).0 == STATE_IORESP_READY);
+    assert_eq!(srv.time_offset(), Some(77));
+
+    // A panicking device still gets the vCPU answered, is reported, and the worker survives.
+    fake.post_ioreq(0, &pio(0xbad, 2, true, 0)).unwrap();
+    workers.dispatch(take(&mut srv, &mut dev));
+    wait_for("panic answer", || fake.slot_result(0).0 == STATE_IORESP_READY);
+    assert_eq!(fake.slot_result(0), (STATE_IORESP_READY, 0xffff));
+    wait_for("report", || !workers.busy(0));
+    assert_eq!(workers.reports(), vec![WorkerReport::Panicked { vcpu: 0 }]);
+    fake.post_ioreq(0, &pio(0x60, 1, true, 0)).unwrap();
+    workers.dispatch(take(&mut srv, &mut dev));
+    wait_for("answer after panic", || fake.slot_result(0).0 == STATE_IORESP_READY);
+    assert_eq!(fake.slot_result(0), (STATE_IORESP_READY, 0xff));
+
+    // A failed notify is reported, not lost.
+    fake.fail_next("notify", libc::EIO);
+    fake.post_ioreq(1, &pio(0x60, 1, true, 0)).unwrap();
+    workers.dispatch(take(&mut srv, &mut dev));
+    let mut reports = Vec::new();
+    wait_for("failure report", || {
+        reports.extend(workers.reports());
+        !reports.is_empty()
+    });
+    assert!(
+        matches!(&reports[..], [WorkerReport::Failed { vcpu: 1, error }] if error.errno() == Some(libc::EIO)),
+        "{reports:?}"
+    );
+    assert_eq!(fake.slot_result(1).0, STATE_IORESP_READY);
+    workers.shutdown();
+    srv.teardown();
+}
