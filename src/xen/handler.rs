@@ -1,16 +1,19 @@
 //! Guest accesses from the ioreq server into the machine: PIO and MMIO go through the same buses
 //! (and so the same access rules) as on KVM, PCI_CONFIG requests straight to the PCI root.
 
+use std::sync::Arc;
+
 use hvmdm_devices::warn_limited;
 use hvmdm_xen::ioreq::{IoreqHandler, PciSbdf};
 
 use crate::machine::Machine;
 
-pub struct MachineIo<'a> {
-    pub machine: &'a Machine,
+/// One per serving thread (the loop's, for buffered writes, and each vCPU worker's).
+pub struct MachineIo {
+    pub machine: Arc<Machine>,
 }
 
-impl IoreqHandler for MachineIo<'_> {
+impl IoreqHandler for MachineIo {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
         self.machine.pio.read_sync(u64::from(port), data);
     }

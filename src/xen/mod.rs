@@ -31,7 +31,7 @@ use hvmdm_xen::foreign::XenForeignMemory;
 use hvmdm_xen::ioreq::PciSbdf;
 use hvmdm_xen::mapcache::MapCache;
 use hvmdm_xen::platform::{XenIrq, XenPlatform};
-use hvmdm_xen::server::{EventOutcome, IoreqServer};
+use hvmdm_xen::server::{Event, EventOutcome, IoreqServer, VcpuWorkers, WorkerReport};
 use hvmdm_xen::xenstore::{Client as XsClient, XenStore};
 
 use crate::machine::{Machine, MachineEnv};
@@ -112,6 +112,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
         },
     )
     .context("building the machine")?;
+    let machine = Arc::new(machine);
 
     let mut run_state = qmp::RunState::Running;
     if let Some(fd) = opts.incoming_fd {
@@ -145,11 +146,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
 
     // A restricted device model keeps no xenstore connection: ours is a dom0 socket that
     // xentoolcore cannot restrict, and libxl learns readiness over QMP (`-S` + query-status) then.
-    let mut xs = if opts.restrict {
-        None
-    } else {
-        Some(XsClient::open().context("connecting to xenstore")?)
-    };
+    let mut xs = if opts.restrict { None } else { Some(XsClient::open().context("connecting to xenstore")?) };
 
     let mut dispatcher = qmp::dispatcher(qmp::Control::new(&machine, run_state, ram.clone(), &cfg, &opts));
     let mut monitors = Vec::new();
@@ -172,7 +169,15 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
     }
     log::info!("ready: ioreq server {} for domain {domid}", server.id());
 
-    let mut handler = handler::MachineIo { machine: &machine };
+    // Buffered (posted) writes run on this thread; each vCPU's synchronous requests on its own
+    // worker, so one vCPU's slow disk request does not hold up another vCPU's I/O.
+    let mut handler = handler::MachineIo { machine: machine.clone() };
+    let m2 = machine.clone();
+    let mut workers = VcpuWorkers::with_handler(
+        opts.max_vcpus,
+        move |_vcpu| handler::MachineIo { machine: m2.clone() },
+        ram.clone(),
+    );
     let mut buffered_due: Option<Instant> = None;
     let mut announced_running = run_state == qmp::RunState::Running;
     loop {
@@ -214,7 +219,14 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
                     }
                 }
             }
-            while let Some(out) = server.handle_pending(&mut handler, &*ram)? {
+            while let Some(ev) = server.take_pending(&mut handler, &*ram)? {
+                let out = match ev {
+                    Event::Request(f) => {
+                        workers.dispatch(f);
+                        continue;
+                    }
+                    Event::Done(out) => out,
+                };
                 match out {
                     EventOutcome::Buffered(s) if s.more => {
                         buffered_due = Some(Instant::now() + BUFFERED_POLL)
@@ -225,6 +237,14 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
                     }
                     _ => {}
                 }
+            }
+        }
+        for r in workers.reports() {
+            match r {
+                WorkerReport::StateChanged { vcpu, state } => {
+                    log::error!("vCPU {vcpu}: ioreq slot moved to state {state} while in process")
+                }
+                other => log::error!("ioreq worker: {other:?}"),
             }
         }
         for m in monitors.iter_mut() {
@@ -240,6 +260,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
     }
 
     drop(dispatcher);
+    workers.shutdown();
     server.teardown();
     machine.shutdown();
     Ok(0)
