@@ -64,10 +64,11 @@ log "caches ready in $(elapsed "$T_ALL") s"
 mkdir -p "$XOUT"
 
 meta() { # FILE -> one line of metadata for the checker
-    ( SCENARIO_NEEDS= SCENARIO_DM= SCENARIO_HDTYPE=ide SCENARIO_CHECKS="marker disk pci acpi-errors fwlog gone exit"
+    ( SCENARIO_NEEDS= SCENARIO_DM= SCENARIO_DMLOG_IGNORE= SCENARIO_HDTYPE=ide SCENARIO_CHECKS="marker disk pci acpi-errors fwlog gone exit"
       SCENARIO_PCI="8086:1237 8086:7000 8086:7010"
       . "$1"
-      echo "needs=${SCENARIO_NEEDS:-none} hdtype=$SCENARIO_HDTYPE dm=${SCENARIO_DM:-default} checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,}" )
+      ign=${SCENARIO_DMLOG_IGNORE:-}
+      echo "needs=${SCENARIO_NEEDS:-none} hdtype=$SCENARIO_HDTYPE dm=${SCENARIO_DM:-default} checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,}${ign:+ dmlog_ignore=${ign// /.}}" )
 }
 # disk_for FILE -> the boot image for that scenario: the default one, or a variant with the
 # scenario's SCENARIO_GUEST_APPEND / SCENARIO_GUEST_MODULES (cached per variant).

@@ -114,7 +114,7 @@ more() { [ "$(count "$1")" -gt "$2" ]; }
 nbeats() { count 'HVMDM-BEAT '; }
 # The last heartbeat: "<n> <uptime> <boot_id>".
 lastbeat() { grep -a 'HVMDM-BEAT ' "$serial" | tail -n 1 | tr -d '\r' | sed 's/.*HVMDM-BEAT //'; }
-beating() { wait_for 30 more 'HVMDM-BEAT ' "$(nbeats)"; }
+beating() { wait_for 60 more 'HVMDM-BEAT ' "$(nbeats)"; }
 # Two misses in a row (see dom_exists).
 dom_gone() { ! dom_exists "$1" && sleep 1 && ! dom_exists "$1"; }
 pid_gone() { [ ! -d "/proc/$1" ] || grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
@@ -137,18 +137,25 @@ xlop() { # NAME TIMEOUT ARGS...: run xl, keep its output as stream xl-NAME, retu
 # The operations (SCENARIO_OPS). Each works on the current $domid/$dmpid and updates them.
 op_pause() {
     beating
+    # The guest's clock runs several times slower than dom0's under nested TCG: measure one
+    # heartbeat interval and watch the paused guest for three of them.
+    b=$(nbeats)
+    t=$(up)
+    wait_for 90 more 'HVMDM-BEAT ' "$b"
+    iv=$(since "$t")
+    win=$(awk -v i="$iv" 'BEGIN { w = 3 * i + 2; if (w < 10) w = 10; if (w > 120) w = 120; printf "%d", w }')
     b0=$(nbeats)
     xlop pause 60 pause "$GUEST"; rc=$?
     state=$(timeout 30 "$XL" list "$GUEST" 2>/dev/null | awk 'NR == 2 { print $5 }')
     # A line already on its way through the device model may still land after the pause.
     sleep 2
     b1=$(nbeats)
-    sleep 10
+    sleep "$win"
     b2=$(nbeats)
     tu=$(up)
     xlop unpause 60 unpause "$GUEST"; urc=$?
-    wait_for 60 more 'HVMDM-BEAT ' "$b2"
-    op "pause rc=$rc state=${state:-none} unpause_rc=$urc beats_before=$b0 beats_pause_start=$b1 beats_pause_end=$b2 beats_after=$(nbeats) resume_s=$(since "$tu")"
+    wait_for 120 more 'HVMDM-BEAT ' "$b2"
+    op "pause rc=$rc state=${state:-none} unpause_rc=$urc beat_interval_s=$iv pause_window_s=$win beats_before=$b0 beats_pause_start=$b1 beats_pause_end=$b2 beats_after=$(nbeats) resume_s=$(since "$tu")"
 }
 
 op_save() {

@@ -6,7 +6,7 @@ SCENARIO_HDTYPE=ide
 SCENARIO_PCI="8086:1237 8086:7000 8086:7010 5853:0001"
 SCENARIO_MEMORY=128
 SCENARIO_GUEST_TIMEOUT=420
-SCENARIO_GUEST_APPEND="hvmdm.beat=2"
+SCENARIO_GUEST_APPEND="hvmdm.beat=1"
 SCENARIO_ON_REBOOT=restart
 SCENARIO_OPS="pause save reboot shutdown destroy"
 SCENARIO_CHECKS="marker disk pci acpi-errors fwlog pause save reboot shutdown destroy dm-log gone exit"
