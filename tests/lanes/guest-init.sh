@@ -12,6 +12,13 @@
 #                      HVMDM-REBOOTING and `reboot -f`; when it does, print HVMDM-REBOOTED and go
 #                      on with the checks. The mark lives in the last MiB, so pair this knob with
 #                      hvmdm.diskmib=15 to checksum only the untouched region.
+#   hvmdm.beat=SECS    (lane X operations) after HVMDM-DONE stay up instead of hvmdm.end and print
+#                      `HVMDM-BEAT <n> <uptime> <boot_id>` every SECS; the PV control path's
+#                      /sbin/poweroff (SIGUSR2 to init) and /sbin/reboot (SIGTERM) are honoured
+#                      with HVMDM-PV-POWEROFF / HVMDM-PV-REBOOT and poweroff -f / reboot -f.
+#   hvmdm.powerbtn=1   with hvmdm.beat: watch the ACPI fixed power-button event counter
+#                      (/sys/firmware/acpi/interrupts/ff_pwr_btn, enabled by the `button` module:
+#                      add hvmdm.modules=button) and on a press print HVMDM-POWERBTN, poweroff -f.
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
 
@@ -31,6 +38,8 @@ WAIT=20
 EXTRA=
 END=poweroff
 REBOOT=0
+BEAT=0
+POWERBTN=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         hvmdm.check=*) CHECK=${arg#*=} ;;
@@ -40,6 +49,8 @@ for arg in $(cat /proc/cmdline); do
         hvmdm.modules=*) EXTRA=${arg#*=} ;;
         hvmdm.end=*) END=${arg#*=} ;;
         hvmdm.reboot=*) REBOOT=${arg#*=} ;;
+        hvmdm.beat=*) BEAT=${arg#*=} ;;
+        hvmdm.powerbtn=*) POWERBTN=${arg#*=} ;;
     esac
 done
 want() { case ",$CHECK,all," in *",$1,"*|*",all,"*) return 0 ;; esac; return 1; }
@@ -156,6 +167,29 @@ fi
 out "HVMDM-UPTIME $(cut -d' ' -f1 /proc/uptime)"
 out "HVMDM-DONE"
 sync
+if [ "$BEAT" -gt 0 ] 2>/dev/null; then
+    # Operations mode: the host pauses, saves/restores, reboots or shuts the guest down and
+    # watches the heartbeat (boot_id tells a restore, same boot, from a reboot).
+    BOOTID=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)
+    PB=/sys/firmware/acpi/interrupts/ff_pwr_btn
+    pbcount() { set -- $(cat "$PB" 2>/dev/null); echo "${1:-0}"; }
+    pb0=$(pbcount)
+    [ "$POWERBTN" = 1 ] && out "HVMDM-POWERBTN-WATCH $(cat "$PB" 2>/dev/null || echo missing)"
+    # busybox poweroff/reboot without -f signal init (the PV control path runs them).
+    trap 'out "HVMDM-PV-POWEROFF"; sync; poweroff -f' USR2
+    trap 'out "HVMDM-PV-REBOOT"; sync; reboot -f' TERM
+    n=0
+    while :; do
+        n=$((n + 1))
+        out "HVMDM-BEAT $n $(cut -d' ' -f1 /proc/uptime) $BOOTID"
+        if [ "$POWERBTN" = 1 ] && [ "$(pbcount)" != "$pb0" ]; then
+            out "HVMDM-POWERBTN $(cat "$PB")"
+            sync
+            poweroff -f
+        fi
+        sleep "$BEAT"
+    done
+fi
 case "$END" in
     shell) exec setsid cttyhack sh ;;
     reboot) reboot -f ;;

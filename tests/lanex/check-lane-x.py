@@ -19,6 +19,24 @@ Checks (a scenario's SCENARIO_CHECKS selects them; `ran` and `create` always run
                internal errors
   gone         the domain disappeared after the guest's poweroff (libxl's on_poweroff=destroy)
   exit         the device model did not outlive its domain
+Operations (scenario.sh SCENARIO_OPS; judged from its `op` lines and the guest's heartbeat
+HVMDM-BEAT <n> <uptime> <boot_id>):
+  pause        `xl pause`/`xl unpause` succeed, xl lists the domain paused, no heartbeat while
+               paused (2 s grace, then a window of at least two measured heartbeat intervals),
+               heartbeats again after the unpause
+  save         `xl save` succeeds, the domain and its device model go away, `xl restore -p`
+               succeeds with a new device model started with -incoming, and after the unpause the
+               same boot (boot_id) goes on: higher heartbeat number, higher uptime
+  reboot       `xl reboot` succeeds, xl builds a new domain (on_reboot="restart"), the old device
+               model exits, the new boot reaches HVMDM-DONE again with a new boot_id
+  shutdown     `xl shutdown -F` succeeds, the guest saw the request (PV control or ACPI power
+               button), the domain and its device model go away, shutdown reason poweroff
+  powerbtn     that shutdown went through the ACPI power button (no PV drivers in the guest)
+  destroy      `xl destroy` succeeds, the device model exits within 10 s, the domain is gone
+  restricted   the device model runs deprivileged (dm_restrict=1): non-root uid,
+               -xen-domid-restrict on its command line
+  dm-log       no error lines in the device models' logs (all of them: restore and reboot start
+               new ones), except what the scenario's SCENARIO_DMLOG_IGNORE regex allows
 """
 import os
 import re
@@ -26,7 +44,9 @@ import sys
 
 OUT = os.environ.get("LANEX_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
 DEFAULT_CHECKS = ["marker", "disk", "pci", "acpi-errors", "fwlog", "gone", "exit"]
-ORDER = ["ran", "create"] + DEFAULT_CHECKS
+OP_CHECKS = ["pause", "save", "reboot", "shutdown", "powerbtn", "destroy", "restricted", "dm-log"]
+ALL_CHECKS = DEFAULT_CHECKS + OP_CHECKS
+ORDER = ["ran", "create"] + ALL_CHECKS
 
 # Guest firmware lines in `xl dmesg` (Xen prefixes them with "(d<domid>) "; the domid is taken
 # from the scenario's "unpaused domain N" step so an earlier scenario's guest cannot stand in).
@@ -36,6 +56,81 @@ PCI_FOUND_RE = r"Found (\d+) PCI devices"
 BOOTING_RE = r"Booting from Hard Disk"
 FW_BAD_RE = (r"(internal error|Unable to allocate resource|WARNING - Timeout|"
              r"\*\*\* HVMLoader bug|BUG at|crashed)")
+# Device-model log lines that mean trouble (qemu-xen's normal log is a pty line and its SIGHUP
+# exit line).
+DM_BAD_RE = r"(error|fail|abort|assert|panic|segfault|core dumped|cannot|can't|could not|unable)"
+
+
+def num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_op(c, ops):
+    """(ok, why) for one operation check from the scenario's `op` lines."""
+    name = {"powerbtn": "shutdown", "restricted": "dm"}.get(c, c)
+    o = ops.get(name)
+    if o is None:
+        return False, "no `op %s` line (operation not run: no HVMDM-DONE first?)" % name
+    bad = []
+
+    def need(cond, why):
+        if not cond:
+            bad.append(why)
+
+    line = " ".join("%s=%s" % kv for kv in o.items())
+    if c == "pause":
+        need(o.get("rc") == "0", "xl pause rc=%s" % o.get("rc"))
+        need(o.get("unpause_rc") == "0", "xl unpause rc=%s" % o.get("unpause_rc"))
+        need("p" in o.get("state", ""), "xl list state %s is not paused" % o.get("state"))
+        b0, b1, b2, b3 = (num(o.get(k)) for k in ("beats_before", "beats_pause_start", "beats_pause_end", "beats_after"))
+        need(b0 is not None and b0 > 0, "no heartbeat before the pause")
+        need(b1 is not None and b1 == b2, "heartbeats while paused (%s -> %s)" % (b1, b2))
+        need(b3 is not None and b2 is not None and b3 > b2, "no heartbeat after the unpause")
+        iv, win = num(o.get("beat_interval_s")), num(o.get("pause_window_s"))
+        need(iv is not None and win is not None and win >= 2 * iv,
+             "pause window %s s shorter than two heartbeat intervals (%s s)" % (win, iv))
+    elif c == "save":
+        need(o.get("rc") == "0", "xl save rc=%s" % o.get("rc"))
+        need(o.get("old_domain_gone") == "1", "domain still there after xl save")
+        need(num(o.get("old_dm_gone_s")) is not None, "old device model still running after xl save")
+        need(o.get("restore_rc") == "0", "xl restore rc=%s" % o.get("restore_rc"))
+        need(o.get("dm_incoming") == "1", "restored device model not started with -incoming")
+        need(o.get("unpause_rc") == "0", "xl unpause after restore rc=%s" % o.get("unpause_rc"))
+        need((num(o.get("new_beats")) or 0) > 0, "no heartbeat after the restore")
+        need(o.get("boot_before") not in (None, "none") and o.get("boot_after") == o.get("boot_before"),
+             "boot_id changed (%s -> %s): not the same boot" % (o.get("boot_before"), o.get("boot_after")))
+        nb, na = num(o.get("beat_before")), num(o.get("beat_after"))
+        ub, ua = num(o.get("uptime_before")), num(o.get("uptime_after"))
+        need(nb is not None and na is not None and na > nb, "heartbeat number did not go on (%s -> %s)" % (nb, na))
+        need(ub is not None and ua is not None and ua > ub, "uptime did not go on (%s -> %s)" % (ub, ua))
+    elif c == "reboot":
+        need(o.get("rc") == "0", "xl reboot rc=%s" % o.get("rc"))
+        need(o.get("new_domid") not in (None, "none"), "no new domain after the reboot")
+        need(num(o.get("old_dm_gone_s")) is not None, "old device model still running after the reboot")
+        need(o.get("marker2") == "1", "second boot did not reach HVMDM-DONE")
+        need(o.get("boot_after") not in (None, "none", o.get("boot_before")),
+             "boot_id did not change (%s -> %s)" % (o.get("boot_before"), o.get("boot_after")))
+    elif c == "shutdown":
+        need(o.get("rc") == "0", "xl shutdown rc=%s" % o.get("rc"))
+        need(o.get("guest_saw") not in (None, "none"), "guest never saw the shutdown request")
+        need(o.get("gone") == "1", "domain still there after xl shutdown")
+        need(num(o.get("dm_gone_s")) is not None, "device model still running after the shutdown")
+        need(o.get("reason") in ("0", "none"), "shutdown reason %s is not poweroff (0)" % o.get("reason"))
+    elif c == "powerbtn":
+        need(o.get("path") == "acpi", "xl did not use the ACPI power button (path=%s)" % o.get("path"))
+        need(o.get("guest_saw") == "powerbtn", "guest did not see a power-button press (saw %s)" % o.get("guest_saw"))
+    elif c == "destroy":
+        need(o.get("rc") == "0", "xl destroy rc=%s" % o.get("rc"))
+        need(num(o.get("dm_gone_s")) is not None, "device model pid %s still running 10 s after xl destroy" % o.get("dm_pid"))
+        need(o.get("gone") == "1", "domain still there after xl destroy")
+    elif c == "restricted":
+        need(o.get("running") == "1", "device model not running at HVMDM-DONE")
+        need(o.get("uid") not in (None, "0"), "device model runs as uid %s" % o.get("uid"))
+        need(o.get("domid_restrict") == "1", "no -xen-domid-restrict on the device model's command line")
+    return (not bad), ("; ".join(bad) + " [" + line + "]") if bad else None
 
 
 def kv(words):
@@ -136,11 +231,28 @@ def check(path, report, info):
         m = re.match(r"unpaused domain (\d+) ", l)
         if m:
             domid = m.group(1)
-    for c in DEFAULT_CHECKS:
+    ops = {}
+    for l in st.get("op", []):
+        p = l.split()
+        if p:
+            ops[p[0]] = kv(p[1:])
+    for c in ALL_CHECKS:
         if c not in checks:
             continue
         ok, why = True, None
-        if c == "marker":
+        if c in OP_CHECKS and c != "dm-log":
+            ok, why = check_op(c, ops)
+        elif c == "dm-log":
+            # SCENARIO_DMLOG_IGNORE: a scenario's known, documented noise (a regex; spaces were
+            # turned into '.' for the META line).
+            ign = d["meta"].get("dmlog_ignore", "")
+            bad = [l for l in st.get("dm", []) if re.search(DM_BAD_RE, l, re.IGNORECASE)
+                   and not (ign and re.search(ign, l))]
+            if not st.get("dm"):
+                ok, why = False, "no device-model log"
+            elif bad:
+                ok, why = False, "device-model log: %s" % tail(bad, 3)
+        elif c == "marker":
             miss = [k for k in ("HVMDM-READY", "HVMDM-DONE") if first(mk, k) is None]
             if miss:
                 ok, why = False, "missing %s; last serial: %s" % (",".join(miss), tail(serial))
@@ -207,6 +319,13 @@ def check(path, report, info):
          % (h.get("toolstack_s", "?"), ms.get("create_s", "?"), ms.get("marker_s", "?"), ms.get("gone_s", "?"),
             ms.get("dm_rss_kb", "?"), res.get("wall", "?"), h.get("host_wall", "?"),
             ("; SeaBIOS: " + pcidev[0].strip()) if pcidev else ""))
+    timing = {"pause": ["beat_interval_s", "pause_window_s", "resume_s"], "save": ["save_s", "size", "restore_s"],
+              "reboot": ["restart_s", "marker2_s"], "shutdown": ["path", "guest_saw", "gone_s", "dm_gone_s"],
+              "destroy": ["fresh", "destroy_s", "dm_gone_s"], "dm": ["uid", "domid_restrict"]}
+    t = ["%s %s" % (o, " ".join("%s=%s" % (k, ops[o].get(k, "?")) for k in timing[o]))
+         for o in timing if o in ops]
+    if t:
+        info(name, "operations: " + "; ".join(t))
 
 
 def main(argv):

@@ -11,7 +11,8 @@
 #   LANEX-MEASURE <scenario> key=value ... (scenario.sh: times, marker, domain gone)
 #   LANEX-RESULT <scenario> exit=<rc> timeout=<0|1> wall=<s>
 #   LANEX-ALL-DONE <uptime>
-# Kernel command line: lanex.timeout=SECS (scenario limit, default 600), lanex.debug=1.
+# Kernel command line: lanex.timeout=SECS (scenario limit, default 600; a scenario's own
+# SCENARIO_TIMEOUT wins), lanex.debug=1.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 XENBIN=/usr/lib/xen-4.17/bin
@@ -67,6 +68,12 @@ while [ ! -S /run/xenstored/socket ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i +
 [ -S /run/xenstored/socket ] || toolstack_failed "no /run/xenstored/socket"
 timeout 60 "$XENBIN/xen-init-dom0" > /var/log/xen/xen-init-dom0.log 2>&1 || toolstack_failed "xen-init-dom0: $(tail -n 3 /var/log/xen/xen-init-dom0.log | tr '\n' ' ')"
 "$XENBIN/xenconsoled" --pid-file=/run/xenconsoled.pid --log=all --log-dir=/var/log/xen || toolstack_failed "xenconsoled exit $?"
+# The shared pseudo-user libxl runs a restricted device model as (dm_restrict=1,
+# docs/features/qemu-deprivilege.pandoc); Debian's xen-utils do not create it.
+if ! grep -q '^xen-qemuuser-shared:' /etc/passwd; then
+    echo 'xen-qemuuser-shared:x:980:980:Xen device model:/nonexistent:/usr/sbin/nologin' >> /etc/passwd
+    echo 'xen-qemuuser-shared:x:980:' >> /etc/group
+fi
 say "LANEX-TOOLSTACK ok $(up)"
 timeout 60 "$XENBIN/xl" info > /tmp/xlinfo 2>&1
 for k in xen_version virt_caps total_memory free_memory nr_cpus xen_commandline; do
@@ -78,12 +85,14 @@ for f in /lanex/scenarios/*.sh; do
     name=$(basename "$f" .sh)
     dir=/tmp/run/$name
     mkdir -p "$dir"
+    limit=$(. "$f" > /dev/null 2>&1; echo "${SCENARIO_TIMEOUT:-}")
+    case "$limit" in ''|*[!0-9]*) limit=$TIMEOUT ;; esac
     say "LANEX-START $name $(up)"
     t0=$(up)
     # Own session so the time limit takes the scenario's children (xl, cat, ...) with it.
     setsid sh /lanex/scenario.sh "$f" "$dir" < /dev/null > /dev/console 2> "$dir/stderr" &
     pid=$!
-    ( sleep "$TIMEOUT"; touch "$dir/timedout"; kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null ) &
+    ( sleep "$limit"; touch "$dir/timedout"; kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null ) &
     wd=$!
     wait "$pid"
     rc=$?

@@ -10,8 +10,11 @@
 # Environment:
 #   HVMDM_BIN=path          hvmdm binary for scenarios with SCENARIO_NEEDS=hvmdm
 #                           (default: target/release/hvmdm; such scenarios are SKIPped without it)
-#   LANEX_TIMEOUT=SECS      hard limit for the outer VM (default 780)
-#   LANEX_TOTAL_TIMEOUT=S   hard limit for the whole lane incl. cache builds (default 900)
+#   LANEX_TIMEOUT=SECS      hard limit for the outer VM (default 180 + the sum of the scenarios'
+#                           SCENARIO_TIMEOUT, 600 each when unset)
+#   LANEX_TOTAL_TIMEOUT=S   hard limit for the whole lane incl. cache builds (default
+#                           LANEX_TIMEOUT + 300)
+#   LANEX_GUEST_APPEND=...  extra guest kernel arguments for every scenario (build-boot-disk.sh)
 #   LANEX_XEN_APPEND=...    extra Xen command line arguments
 #   LANEX_DOM0_APPEND=...   extra dom0 kernel arguments (e.g. lanex.debug=1)
 #   LANEX_CPU=...           outer -cpu (default max,-smap,-smep,-rdtscp; see specs/test-lanes.md)
@@ -19,10 +22,30 @@
 source "$(dirname "$0")/lib.sh"
 
 HVMDM_BIN=${HVMDM_BIN:-$REPO_DIR/target/release/hvmdm}
-BOOT_TIMEOUT=${LANEX_TIMEOUT:-780}
-TOTAL_TIMEOUT=${LANEX_TOTAL_TIMEOUT:-900}
 CPU=${LANEX_CPU:-max,-smap,-smep,-rdtscp}
 SCEN_DIR=$LANEX_DIR/scenarios
+
+files=()
+if [ $# -eq 0 ]; then
+    for f in "$SCEN_DIR"/*.sh; do
+        d=$(. "$f"; echo "${SCENARIO_DEFAULT:-1}")
+        [ "$d" = 0 ] || files+=("$f")
+    done
+else
+    for a in "$@"; do
+        if [ -f "$a" ]; then files+=("$(cd "$(dirname "$a")" && pwd)/$(basename "$a")")
+        elif [ -f "$SCEN_DIR/$a.sh" ]; then files+=("$SCEN_DIR/$a.sh")
+        else die "no scenario $a"; fi
+    done
+fi
+# The outer VM gets dom0's boot plus every scenario's own limit (dom0-init.sh enforces those).
+limits=180
+for f in "${files[@]}"; do
+    l=$(. "$f"; echo "${SCENARIO_TIMEOUT:-600}")
+    limits=$((limits + l))
+done
+BOOT_TIMEOUT=${LANEX_TIMEOUT:-$limits}
+TOTAL_TIMEOUT=${LANEX_TOTAL_TIMEOUT:-$((BOOT_TIMEOUT + 300))}
 
 # Whole-lane watchdog: CI must never hang here.
 if [ -z "${LANEX_WATCHDOG:-}" ]; then
@@ -40,26 +63,24 @@ IMG=$("$LANEX_DIR/build-boot-disk.sh" "$KIT")
 log "caches ready in $(elapsed "$T_ALL") s"
 mkdir -p "$XOUT"
 
-files=()
-if [ $# -eq 0 ]; then
-    for f in "$SCEN_DIR"/*.sh; do
-        d=$(. "$f"; echo "${SCENARIO_DEFAULT:-1}")
-        [ "$d" = 0 ] || files+=("$f")
-    done
-else
-    for a in "$@"; do
-        if [ -f "$a" ]; then files+=("$(cd "$(dirname "$a")" && pwd)/$(basename "$a")")
-        elif [ -f "$SCEN_DIR/$a.sh" ]; then files+=("$SCEN_DIR/$a.sh")
-        else die "no scenario $a"; fi
-    done
-fi
-
 meta() { # FILE -> one line of metadata for the checker
-    ( SCENARIO_NEEDS= SCENARIO_DM= SCENARIO_HDTYPE=ide SCENARIO_CHECKS="marker disk pci acpi-errors fwlog gone exit"
+    ( SCENARIO_NEEDS= SCENARIO_DM= SCENARIO_DMLOG_IGNORE= SCENARIO_HDTYPE=ide SCENARIO_CHECKS="marker disk pci acpi-errors fwlog gone exit"
       SCENARIO_PCI="8086:1237 8086:7000 8086:7010"
       . "$1"
-      echo "needs=${SCENARIO_NEEDS:-none} hdtype=$SCENARIO_HDTYPE dm=${SCENARIO_DM:-default} checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,}" )
+      ign=${SCENARIO_DMLOG_IGNORE:-}
+      echo "needs=${SCENARIO_NEEDS:-none} hdtype=$SCENARIO_HDTYPE dm=${SCENARIO_DM:-default} checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,}${ign:+ dmlog_ignore=${ign// /.}}" )
 }
+# disk_for FILE -> the boot image for that scenario: the default one, or a variant with the
+# scenario's SCENARIO_GUEST_APPEND / SCENARIO_GUEST_MODULES (cached per variant).
+disk_for() {
+    local app mods
+    app=$(. "$1"; echo "${SCENARIO_GUEST_APPEND:-}")
+    mods=$(. "$1"; echo "${SCENARIO_GUEST_MODULES:-}")
+    if [ -z "$app" ] && [ -z "$mods" ]; then echo "$IMG"; return; fi
+    LANEX_GUEST_APPEND="${LANEX_GUEST_APPEND:-} $app" LANEX_GUEST_MODULES="$mods" \
+        "$LANEX_DIR/build-boot-disk.sh" "$KIT"
+}
+declare -A DISK
 
 ov=$(mktemp -d)
 trap 'rm -rf "$ov"' EXIT
@@ -80,6 +101,11 @@ for f in "${files[@]}"; do
         need_hvmdm=1
     fi
     cp "$f" "$ov/lanex/scenarios/$n.sh"
+    DISK[$n]=$(disk_for "$f")
+    if [ "${DISK[$n]}" != "$IMG" ]; then
+        mkdir -p "$ov/lanex/disks"
+        cp "${DISK[$n]}" "$ov/lanex/disks/$n.img"
+    fi
 done
 install -m 0755 "$LANEX_DIR/dom0-init.sh" "$ov/init"
 install -m 0755 "$LANEX_DIR/scenario.sh" "$ov/lanex/scenario.sh"
@@ -137,7 +163,7 @@ if [ -n "$(ls "$ov/lanex/scenarios")" ]; then
         [ -f "$ov/lanex/scenarios/$n.sh" ] || continue
         {
             echo "LANEX-META name=$n $(meta "$ov/lanex/scenarios/$n.sh")"
-            echo "LANEX-EXPECT disk-sha256 $(cat "$IMG.sha256")"
+            echo "LANEX-EXPECT disk-sha256 $(cat "${DISK[$n]}.sha256")"
             echo "LANEX-HOST outer_exit=$qrc host_wall=${wall}s dom0_init_s=$(at LANEX-BOOT) toolstack_s=$(at LANEX-TOOLSTACK) start_s=$(awk -v n="$n" '$2 == "LANEX-START" && $3 == n { print $1; exit }' "$console.ts")"
             grep '^LANEX-INFO ' "$console" || true
             # Everything Xen and dom0 printed while the scenario ran ((d1) firmware lines, dom0

@@ -7,7 +7,11 @@
 # Scenario variables (see scenarios/README.md): SCENARIO_DM (device_model_override, empty = libxl's
 # default qemu-xen), SCENARIO_HDTYPE (ide|ahci), SCENARIO_MEMORY (MiB), SCENARIO_GUEST_TIMEOUT (s,
 # unpause -> HVMDM-DONE), SCENARIO_GONE_TIMEOUT (s, HVMDM-DONE -> domain gone), SCENARIO_CFG_EXTRA
-# (extra xl.cfg lines).
+# (extra xl.cfg lines), SCENARIO_ON_REBOOT (xl.cfg on_reboot, default destroy), SCENARIO_OPS
+# (space list of xl operations run in order once HVMDM-DONE is seen, on the same guest: pause,
+# save, reboot, shutdown, destroy; needs the guest in heartbeat mode, hvmdm.beat=SECS). Each
+# operation prints one `LANEX-LOG <name> op <operation> key=value ...` line (judged by the
+# checker) and its xl output as stream xl-<operation>.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 XENBIN=/usr/lib/xen-4.17/bin
 XL=$XENBIN/xl
@@ -22,6 +26,8 @@ SCENARIO_MEMORY=256
 SCENARIO_GUEST_TIMEOUT=420
 SCENARIO_GONE_TIMEOUT=60
 SCENARIO_CFG_EXTRA=
+SCENARIO_ON_REBOOT=destroy
+SCENARIO_OPS=
 . "$f"
 # Placeholders a scenario may use.
 VMM_QEMU_XEN=/usr/libexec/xen-qemu-system-i386
@@ -42,7 +48,8 @@ emit() { # STREAM < lines
 }
 step() { echo "$*" | emit step; }
 
-disk=/lanex/boot.img
+disk=/lanex/disks/$name.img
+[ -f "$disk" ] || disk=/lanex/boot.img
 cfg=$dir/guest.cfg
 {
     echo "name=\"$GUEST\""
@@ -56,7 +63,7 @@ cfg=$dir/guest.cfg
     echo 'sdl=0'
     echo 'boot="c"'
     echo 'on_poweroff="destroy"'
-    echo 'on_reboot="destroy"'
+    echo "on_reboot=\"$SCENARIO_ON_REBOOT\""
     echo 'on_crash="destroy"'
     echo "disk=['format=raw,vdev=hda,access=rw,backendtype=qdisk,target=$disk']"
     [ "$SCENARIO_HDTYPE" = ahci ] && echo 'hdtype="ahci"'
@@ -66,7 +73,203 @@ cfg=$dir/guest.cfg
 } > "$cfg"
 emit cfg < "$cfg"
 
-tty=none marker=0 marker_s= gone=0 gone_s= rss=
+serial=$dir/serial.log
+: > "$serial"
+catpid=
+dmpid_of() { timeout 30 xenstore-read "/local/domain/$1/image/device-model-pid" 2>/dev/null; }
+# attach DOMID: (re)attach to the domain's serial pty, appending to serial.log; sets $atty.
+# Attach before unpausing so no guest output is lost (QEMU's pty drops output while no one
+# holds the other side open).
+attach() {
+    [ -n "$catpid" ] && kill "$catpid" 2>/dev/null
+    catpid= atty= i=0
+    while [ -z "$atty" ] && [ "$i" -lt 20 ]; do
+        atty=$(timeout 30 xenstore-read "/local/domain/$1/serial/0/tty" 2>/dev/null ||
+               timeout 30 xenstore-read "/local/domain/$1/console/tty" 2>/dev/null)
+        [ -n "$atty" ] || sleep 0.5
+        i=$((i + 1))
+    done
+    if [ -n "$atty" ] && [ -c "$atty" ]; then
+        stty -F "$atty" raw -echo 2>/dev/null
+        cat "$atty" >> "$serial" 2>/dev/null &
+        catpid=$!
+        return 0
+    fi
+    step "no serial pty for domain $1 (serial/0/tty='$atty')"
+    atty=none
+    return 1
+}
+# wait_for SECS CMD...: run CMD every 0.5 s until it succeeds (0) or SECS have passed (1).
+wait_for() {
+    _d=$(awk -v a="$(up)" -v t="$1" 'BEGIN { print a + t }')
+    shift
+    while :; do
+        "$@" && return 0
+        awk -v d="$_d" -v u="$(up)" 'BEGIN { exit !(u > d) }' && return 1
+        sleep 0.5
+    done
+}
+count() { grep -ac -- "$1" "$serial"; }
+more() { [ "$(count "$1")" -gt "$2" ]; }
+nbeats() { count 'HVMDM-BEAT '; }
+# The last heartbeat: "<n> <uptime> <boot_id>".
+lastbeat() { grep -a 'HVMDM-BEAT ' "$serial" | tail -n 1 | tr -d '\r' | sed 's/.*HVMDM-BEAT //'; }
+beating() { wait_for 60 more 'HVMDM-BEAT ' "$(nbeats)"; }
+# Two misses in a row (see dom_exists).
+dom_gone() { ! dom_exists "$1" && sleep 1 && ! dom_exists "$1"; }
+pid_gone() { [ ! -d "/proc/$1" ] || grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+# dm_gone_s SECS PID: seconds until PID exited, "no" when it still runs after SECS.
+dm_gone_s() {
+    [ -n "$2" ] || { echo unknown; return; }
+    _t=$(up)
+    if wait_for "$1" pid_gone "$2"; then since "$_t"; else echo no; fi
+}
+op() { echo "$*" | emit op; }
+xlop() { # NAME TIMEOUT ARGS...: run xl, keep its output as stream xl-NAME, return its status
+    _n=$1 _to=$2
+    shift 2
+    timeout "$_to" "$XL" "$@" > "$dir/op.out" 2>&1
+    _rc=$?
+    emit "xl-$_n" < "$dir/op.out"
+    return $_rc
+}
+
+# The operations (SCENARIO_OPS). Each works on the current $domid/$dmpid and updates them.
+op_pause() {
+    beating
+    # The guest's clock runs several times slower than dom0's under nested TCG: measure one
+    # heartbeat interval and watch the paused guest for three of them.
+    b=$(nbeats)
+    t=$(up)
+    wait_for 90 more 'HVMDM-BEAT ' "$b"
+    iv=$(since "$t")
+    win=$(awk -v i="$iv" 'BEGIN { w = 3 * i + 2; if (w < 10) w = 10; if (w > 120) w = 120; printf "%d", w }')
+    b0=$(nbeats)
+    xlop pause 60 pause "$GUEST"; rc=$?
+    state=$(timeout 30 "$XL" list "$GUEST" 2>/dev/null | awk 'NR == 2 { print $5 }')
+    # A line already on its way through the device model may still land after the pause.
+    sleep 2
+    b1=$(nbeats)
+    sleep "$win"
+    b2=$(nbeats)
+    tu=$(up)
+    xlop unpause 60 unpause "$GUEST"; urc=$?
+    wait_for 120 more 'HVMDM-BEAT ' "$b2"
+    op "pause rc=$rc state=${state:-none} unpause_rc=$urc beat_interval_s=$iv pause_window_s=$win beats_before=$b0 beats_pause_start=$b1 beats_pause_end=$b2 beats_after=$(nbeats) resume_s=$(since "$tu")"
+}
+
+op_save() {
+    beating
+    set -- $(lastbeat)
+    n0=${1:-none} u0=${2:-none} id0=${3:-none}
+    olddom=$domid olddm=$dmpid
+    t=$(up)
+    xlop save 600 save "$GUEST" "$dir/guest.save"; rc=$?
+    save_s=$(since "$t")
+    size=$(stat -c %s "$dir/guest.save" 2>/dev/null || echo 0)
+    wait_for 30 dom_gone "$olddom" && ogone=1 || ogone=0
+    dmg=$(dm_gone_s 15 "$olddm")
+    t=$(up)
+    # -p: stay paused until the new pty is attached.
+    xlop restore 600 restore -p "$dir/guest.save"; rrc=$?
+    restore_s=$(since "$t")
+    rm -f "$dir/guest.save"
+    domid=$(timeout 30 "$XL" domid "$GUEST" 2>/dev/null)
+    dmpid=$(dmpid_of "$domid")
+    incoming=0
+    [ -n "$dmpid" ] && tr '\0' '\n' < "/proc/$dmpid/cmdline" 2>/dev/null | grep -q '^-incoming$' && incoming=1
+    attach "$domid"
+    b1=$(nbeats)
+    xlop unpause 60 unpause "$GUEST"; urc=$?
+    wait_for 60 more 'HVMDM-BEAT ' "$b1"
+    new=$(( $(nbeats) - b1 ))
+    set -- $(lastbeat)
+    op "save rc=$rc save_s=$save_s size=$size old_domain_gone=$ogone old_dm_gone_s=$dmg restore_rc=$rrc restore_s=$restore_s domid=${domid:-none} dm_pid=${dmpid:-none} dm_incoming=$incoming unpause_rc=$urc beat_before=$n0 uptime_before=$u0 boot_before=$id0 new_beats=$new beat_after=${1:-none} uptime_after=${2:-none} boot_after=${3:-none}"
+}
+
+newdom() { nd=$(timeout 20 "$XL" domid "$GUEST" 2>/dev/null) && [ -n "$nd" ] && [ "$nd" != "$olddom" ]; }
+op_reboot() {
+    beating
+    set -- $(lastbeat)
+    id0=${3:-none}
+    d0=$(count 'HVMDM-DONE')
+    r0=$(count 'HVMDM-PV-REBOOT')
+    olddom=$domid olddm=$dmpid
+    t=$(up)
+    xlop reboot 60 reboot "$GUEST"; rc=$?
+    nd= restart_s=none dmg=none m2=0 m2_s=none
+    # xl's monitor process destroys the domain and builds a new one (on_reboot="restart").
+    if wait_for 180 newdom; then
+        domid=$nd
+        restart_s=$(since "$t")
+        dmg=$(dm_gone_s 15 "$olddm")
+        attach "$domid"
+        wait_for 30 dmpid_of "$domid" > /dev/null
+        dmpid=$(dmpid_of "$domid")
+        tm=$(up)
+        if wait_for "$SCENARIO_GUEST_TIMEOUT" more 'HVMDM-DONE' "$d0"; then
+            m2=1
+            m2_s=$(since "$tm")
+            beating
+        fi
+    fi
+    guest=none
+    [ "$(count 'HVMDM-PV-REBOOT')" -gt "$r0" ] && guest=pv-reboot
+    set -- $(lastbeat)
+    op "reboot rc=$rc guest_saw=$guest new_domid=${nd:-none} restart_s=$restart_s old_dm_gone_s=$dmg marker2=$m2 marker2_s=$m2_s boot_before=$id0 boot_after=${3:-none}"
+}
+
+op_shutdown() {
+    beating
+    olddom=$domid olddm=$dmpid
+    p0=$(count 'HVMDM-POWERBTN ')
+    v0=$(count 'HVMDM-PV-POWEROFF')
+    t=$(up)
+    # -F: without PV drivers, fall back to the ACPI power button (Xen's PM1a event + SCI).
+    xlop shutdown 60 shutdown -F "$GUEST"; rc=$?
+    path=pv
+    grep -qi 'power button' "$dir/op.out" && path=acpi
+    wait_for 180 dom_gone "$olddom" && gone=1 || gone=0
+    gone_s=$(since "$t")
+    dmg=$(dm_gone_s 15 "$olddm")
+    guest=none
+    [ "$(count 'HVMDM-POWERBTN ')" -gt "$p0" ] && guest=powerbtn
+    [ "$(count 'HVMDM-PV-POWEROFF')" -gt "$v0" ] && guest=pv-poweroff
+    reason=$(grep -a 'has shut down, reason code' "/var/log/xen/xl-$GUEST.log" 2>/dev/null | tail -n 1 |
+             sed -n 's/.*reason code \([0-9]*\).*/\1/p')
+    op "shutdown rc=$rc path=$path guest_saw=$guest gone=$gone gone_s=$gone_s dm_gone_s=$dmg reason=${reason:-none}"
+}
+
+op_destroy() {
+    fresh=0
+    if [ -z "$domid" ] || ! dom_exists "$domid"; then
+        # The guest is already gone (shutdown): a fresh one, destroyed while its firmware runs.
+        fresh=1
+        xlop create 180 create -p "$cfg"
+        domid=$(timeout 30 "$XL" domid "$GUEST" 2>/dev/null)
+        dmpid=$(dmpid_of "$domid")
+        xlop unpause 60 unpause "$GUEST"
+        sleep 10
+    fi
+    olddom=$domid olddm=$dmpid
+    t=$(up)
+    xlop destroy 60 destroy "$GUEST"; rc=$?
+    destroy_s=$(since "$t")
+    dmg=$(dm_gone_s 10 "$olddm")
+    wait_for 30 dom_gone "$olddom" && gone=1 || gone=0
+    op "destroy fresh=$fresh rc=$rc destroy_s=$destroy_s domid=${olddom:-none} dm_pid=${olddm:-none} dm_gone_s=$dmg gone=$gone"
+}
+
+# What the running device model looks like: restricted (dm_restrict=1) or not.
+op_dm() {
+    [ -n "$dmpid" ] && [ -d "/proc/$dmpid" ] || { op "dm pid=${dmpid:-none} running=0"; return; }
+    uid=$(awk '/^Uid:/ { print $2 }' "/proc/$dmpid/status")
+    args=$(tr '\0' ' ' < "/proc/$dmpid/cmdline")
+    has() { case " $args " in *" $1 "*) echo 1 ;; *) echo 0 ;; esac; }
+    op "dm pid=$dmpid running=1 uid=$uid domid_restrict=$(has -xen-domid-restrict) chroot=$(has -chroot) runas=$(has -runas) exe=$(readlink "/proc/$dmpid/exe")"
+}
+
+marker=0 marker_s= gone=0 gone_s= rss=
 t0=$(up)
 timeout 180 "$XL" -vvv create -p "$cfg" > "$dir/create.log" 2>&1
 create_rc=$?
@@ -75,25 +278,15 @@ step "xl create -p rc=$create_rc in ${create_s}s"
 domid=$(timeout 30 "$XL" domid "$GUEST" 2>/dev/null)
 
 if [ "$create_rc" = 0 ] && [ -n "$domid" ]; then
-    tty=$(timeout 30 xenstore-read "/local/domain/$domid/serial/0/tty" 2>/dev/null ||
-          timeout 30 xenstore-read "/local/domain/$domid/console/tty" 2>/dev/null)
-    if [ -n "$tty" ] && [ -c "$tty" ]; then
-        # Attach before unpausing so no guest output is lost (QEMU's pty drops output while no
-        # one holds the other side open).
-        stty -F "$tty" raw -echo 2>/dev/null
-        cat "$tty" > "$dir/serial.log" 2>/dev/null &
-        catpid=$!
-    else
-        step "no serial pty for domain $domid (serial/0/tty='$tty')"
-        tty=none
-    fi
-    dmpid=$(timeout 30 xenstore-read "/local/domain/$domid/image/device-model-pid" 2>/dev/null)
+    attach "$domid"
+    tty=$atty
+    dmpid=$(dmpid_of "$domid")
     tu=$(up)
     timeout 60 "$XL" unpause "$GUEST" 2>&1 | emit step
     step "unpaused domain $domid at $(up) (dm pid ${dmpid:-?})"
     deadline=$(awk -v a="$tu" -v t="$SCENARIO_GUEST_TIMEOUT" 'BEGIN { print int(a + t) }')
     while [ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ]; do
-        if grep -aq 'HVMDM-DONE' "$dir/serial.log" 2>/dev/null; then
+        if grep -aq 'HVMDM-DONE' "$serial" 2>/dev/null; then
             marker=1
             marker_s=$(since "$tu")
             break
@@ -117,7 +310,17 @@ if [ "$create_rc" = 0 ] && [ -n "$domid" ]; then
         r=$(awk '/^VmHWM:/ { print $2 }' "/proc/$dmpid/status" 2>/dev/null)
         [ -n "$r" ] && rss=$r
     fi
-    # The guest powers itself off after HVMDM-DONE; xl's background process destroys the domain.
+    if [ "$marker" = 1 ]; then
+        op_dm
+        for o in $SCENARIO_OPS; do
+            to=$(up)
+            step "op $o on domain $domid"
+            "op_$o"
+            step "op $o done in $(since "$to")s"
+        done
+    fi
+    # The guest powers itself off after HVMDM-DONE (or an operation ended it); xl's background
+    # process destroys the domain.
     tg=$(up)
     deadline=$(awk -v a="$tg" -v t="$SCENARIO_GONE_TIMEOUT" 'BEGIN { print int(a + t) }')
     while [ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ]; do
@@ -134,22 +337,28 @@ if [ "$create_rc" = 0 ] && [ -n "$domid" ]; then
         timeout 60 "$XL" destroy "$GUEST" 2>&1 | emit step
     fi
     # Device model still running after the domain is gone?
-    if [ -n "$dmpid" ] && [ -d "/proc/$dmpid" ]; then
+    if [ -n "$dmpid" ] && ! pid_gone "$dmpid"; then
         sleep 2
-        [ -d "/proc/$dmpid" ] && step "device model pid $dmpid still alive after domain end"
+        pid_gone "$dmpid" || step "device model pid $dmpid still alive after domain end"
     fi
     [ -n "${catpid:-}" ] && kill "$catpid" 2>/dev/null
 else
+    tty=none
     step "xl create failed (rc=$create_rc domid='$domid')"
     timeout 60 "$XL" destroy "$GUEST" > /dev/null 2>&1
 fi
 
 emit xl-create < "$dir/create.log"
-[ -f "$dir/serial.log" ] && emit serial < "$dir/serial.log"
+emit serial < "$serial"
 timeout 60 "$XL" dmesg 2>&1 | emit xl-dmesg
-for l in /var/log/xen/qemu-dm-"$GUEST".log /var/log/xen/xl-"$GUEST".log; do
-    [ -f "$l" ] || continue
-    case "$l" in *qemu-dm-*) s=dm ;; *) s=xl ;; esac
-    emit "$s" < "$l"
+# libxl rotates a domain's logs (.log.1 is the previous DM's) when it starts a new DM (restore,
+# reboot, a fresh domain): oldest first, each behind a "== file ==" line.
+for base in qemu-dm xl; do
+    case "$base" in qemu-dm) s=dm ;; *) s=xl ;; esac
+    for l in $(ls -r /var/log/xen/"$base-$GUEST".log.* 2>/dev/null) /var/log/xen/"$base-$GUEST".log; do
+        [ -f "$l" ] || continue
+        [ "$l" = "/var/log/xen/$base-$GUEST.log" ] && [ ! -f "$l.1" ] || echo "== $(basename "$l") ==" | emit "$s"
+        emit "$s" < "$l"
+    done
 done
 echo "LANEX-MEASURE $name create_rc=$create_rc create_s=$create_s tty=$tty marker=$marker marker_s=${marker_s:-none} gone=$gone gone_s=${gone_s:-none} dm_rss_kb=${rss:-none}"

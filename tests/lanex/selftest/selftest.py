@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """selftest.py: proves check-lane-x.py catches broken lane-X runs (no VM needed, < 1 s).
 
-good.log is a trimmed real log of the qemu-xen-ide scenario (Debian's qemu-xen as device model).
-Each case below mutates it and names exactly the checks that must FAIL; every other check must
-PASS. Prints one PASS/FAIL line per case and `N passed, M failed`; exit 1 on any failure.
+good.log, good-ops.log and good-restrict.log are trimmed real logs of the qemu-xen-ide,
+qemu-xen-ops and qemu-xen-restrict scenarios (Debian's qemu-xen as device model). Each case below
+mutates one of them and names exactly the checks that must FAIL; every other check must PASS. Prints one PASS/FAIL line per case and `N passed, M failed`; exit 1 on any failure.
 """
 import os
 import re
@@ -13,7 +13,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKER = os.path.join(HERE, "..", "check-lane-x.py")
-GOOD = open(os.path.join(HERE, "good.log")).read()
+BASES = {b: open(os.path.join(HERE, b + ".log")).read() for b in ("good", "good-ops", "good-restrict")}
 
 
 def sub(pat, rep, count=0):
@@ -22,6 +22,54 @@ def sub(pat, rep, count=0):
 
 def drop(pat):
     return lambda s: "".join(l for l in s.splitlines(True) if not re.search(pat, l))
+
+
+def opkv(op, key, val):
+    """Set key=val on the `op| <op> ...` line."""
+    return sub(r"^(op\| %s .*\b%s=)\S+" % (op, key), r"\g<1>%s" % val)
+
+
+def both(*fs):
+    def f(s):
+        for g in fs:
+            s = g(s)
+        return s
+    return f
+
+
+OPS = [
+    ("ops-good", "good-ops", lambda s: s, []),
+    ("pause-fails", "good-ops", opkv("pause", "rc", "1"), ["pause"]),
+    ("pause-not-paused", "good-ops", opkv("pause", "state", "-b----"), ["pause"]),
+    ("beats-while-paused", "good-ops", opkv("pause", "beats_pause_end", "99"), ["pause"]),
+    ("no-beat-after-unpause", "good-ops", both(opkv("pause", "beats_after", "0")), ["pause"]),
+    ("pause-window-short", "good-ops", opkv("pause", "pause_window_s", "1"), ["pause"]),
+    ("save-fails", "good-ops", opkv("save", "rc", "1"), ["save"]),
+    ("restore-no-incoming", "good-ops", opkv("save", "dm_incoming", "0"), ["save"]),
+    ("restore-new-boot", "good-ops", opkv("save", "boot_after", "00000000-0000-0000-0000-000000000000"), ["save"]),
+    ("restore-no-beats", "good-ops", opkv("save", "new_beats", "0"), ["save"]),
+    ("restore-uptime-back", "good-ops", opkv("save", "uptime_after", "0.5"), ["save"]),
+    ("save-old-dm-stays", "good-ops", opkv("save", "old_dm_gone_s", "no"), ["save"]),
+    ("reboot-no-second-marker", "good-ops", opkv("reboot", "marker2", "0"), ["reboot"]),
+    ("reboot-same-boot", "good-ops", lambda s: re.sub(r"^(op\| reboot .*boot_before=)(\S+)(.*boot_after=)\S+",
+                                                      r"\1\2\3\2", s, flags=re.M), ["reboot"]),
+    ("reboot-no-new-domain", "good-ops", opkv("reboot", "new_domid", "none"), ["reboot"]),
+    ("shutdown-ignored", "good-ops", opkv("shutdown", "guest_saw", "none"), ["shutdown"]),
+    ("shutdown-domain-stays", "good-ops", opkv("shutdown", "gone", "0"), ["shutdown"]),
+    ("shutdown-crash-reason", "good-ops", opkv("shutdown", "reason", "3"), ["shutdown"]),
+    ("destroy-dm-stays", "good-ops", opkv("destroy", "dm_gone_s", "no"), ["destroy"]),
+    ("destroy-fails", "good-ops", opkv("destroy", "rc", "1"), ["destroy"]),
+    ("op-missing", "good-ops", drop(r"^op\| save "), ["save"]),
+    ("dm-log-error", "good-ops", sub(r"^(dm\| char device redirected.*)$", r"\1\ndm| qemu: xen: failed to load device state", 1),
+     ["dm-log"]),
+    ("restrict-good", "good-restrict", lambda s: s, []),
+    ("powerbtn-via-pv", "good-restrict", both(opkv("shutdown", "path", "pv"), opkv("shutdown", "guest_saw", "pv-poweroff")),
+     ["powerbtn"]),
+    ("dm-root", "good-restrict", opkv("dm", "uid", "0"), ["restricted"]),
+    ("dm-unrestricted", "good-restrict", opkv("dm", "domid_restrict", "0"), ["restricted"]),
+    ("dm-log-ignore-only-known", "good-restrict", sub(r"^(dm\| xen be core: can't open evtchn device)$", r"\1\ndm| xen be core: can't map grant ref", 1),
+     ["dm-log"]),
+]
 
 
 CASES = [
@@ -60,9 +108,11 @@ def run(text):
 
 def main():
     passed = failed = 0
-    for name, mut, want in CASES:
-        text = mut(GOOD)
-        if name != "good" and text == GOOD:
+    cases = [(n, "good", m, w) for n, m, w in CASES] + OPS
+    for name, base, mut, want in cases:
+        good = BASES[base]
+        text = mut(good)
+        if not name.endswith("good") and text == good:
             print("FAIL %s: mutation changed nothing" % name)
             failed += 1
             continue
