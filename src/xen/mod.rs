@@ -178,6 +178,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
         move |_vcpu| handler::MachineIo { machine: m2.clone() },
         ram.clone(),
     );
+    let inline = opts.max_vcpus == 1;
     let mut buffered_due: Option<Instant> = None;
     let mut announced_running = run_state == qmp::RunState::Running;
     loop {
@@ -221,6 +222,9 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
             }
             while let Some(ev) = server.take_pending(&mut handler, &*ram)? {
                 let out = match ev {
+                    // With one vCPU there is no other vCPU to hold up: serve inline and save
+                    // the two thread hand-offs per request.
+                    Event::Request(f) if inline => f.run(&mut handler, &*ram)?,
                     Event::Request(f) => {
                         workers.dispatch(f);
                         continue;
