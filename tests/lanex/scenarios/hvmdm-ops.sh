@@ -14,4 +14,4 @@ SCENARIO_GUEST_MODULES=button
 SCENARIO_ON_REBOOT=restart
 SCENARIO_OPS="pause save reboot shutdown destroy"
 SCENARIO_CHECKS="marker disk pci acpi-errors fwlog pause save reboot shutdown powerbtn destroy dm-log gone exit"
-SCENARIO_TIMEOUT=1500
+SCENARIO_TIMEOUT=1800
