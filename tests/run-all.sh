@@ -4,7 +4,8 @@
 #   2. unit lane: cargo fmt --check, clippy -D warnings, cargo test (every crate), brief fuzzing
 #   3. lane K: real SeaBIOS/OVMF + Debian Linux guests on real KVM nested in a TCG VM
 #      (tests/lanes/run-lane-k.sh builds and caches the guest kit and the outer VM)
-#   4. lane X: real Xen 4.17 + libxl in a TCG VM; `xl create` with hvmdm as the device model, and
+#   4. lane X: real Xen 4.17 + libxl in a TCG VM; `xl create` with hvmdm as the device model (plain
+#      and dm_restrict=1 with `xl shutdown` through the ACPI power button), and
 #      the same scenario with Debian's qemu-xen (harness honesty) (tests/lanex/run-lane-x.sh)
 # The last line sums both lanes' checkers: "lanes: N passed, M failed, K skipped".
 set -euo pipefail
@@ -39,7 +40,7 @@ echo "== lane X"
 # One outer Xen boot runs the scenarios in order (~5 min each under TCG, plus ~3 min to build the
 # dom0 root fs on a fresh machine).
 LANEX_TIMEOUT=${LANEX_TIMEOUT:-1800} LANEX_TOTAL_TIMEOUT=${LANEX_TOTAL_TIMEOUT:-2400} \
-    bash tests/lanex/run-lane-x.sh ${LANEX_SCENARIOS:-hvmdm-ide qemu-xen-ide} 2>&1 | tee /tmp/hvmdm-lanex.log
+    bash tests/lanex/run-lane-x.sh ${LANEX_SCENARIOS:-hvmdm-ide hvmdm-restrict qemu-xen-ide} 2>&1 | tee /tmp/hvmdm-lanex.log
 x_rc=${PIPESTATUS[0]}
 
 # Sum the two checkers' closing lines ("N passed, M failed[, K skipped]").
