@@ -3,7 +3,7 @@
 # xl pause/unpause, save + restore -p, reboot (on_reboot="restart": the second boot must reach
 # HVMDM-DONE again), shutdown -F (the Linux guest has PV drivers, so xl asks through the PV
 # control node and the guest powers off through ACPI S5), then destroy of a fresh domain while
-# its firmware runs. ~12 min (two guest boots). By name only.
+# its firmware runs. 10-14 min (two guest boots). By name only.
 SCENARIO_DEFAULT=0
 SCENARIO_DM='$VMM_QEMU_XEN'
 SCENARIO_HDTYPE=ide
