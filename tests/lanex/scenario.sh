@@ -83,9 +83,10 @@ dmpid_of() { timeout 30 xenstore-read "/local/domain/$1/image/device-model-pid" 
 attach() {
     [ -n "$catpid" ] && kill "$catpid" 2>/dev/null
     catpid= atty= i=0
-    while [ -z "$atty" ] && [ "$i" -lt 20 ]; do
-        atty=$(timeout 30 xenstore-read "/local/domain/$1/serial/0/tty" 2>/dev/null ||
-               timeout 30 xenstore-read "/local/domain/$1/console/tty" 2>/dev/null)
+    # Only serial/0/tty: after a reboot xl builds the domain first and libxl writes the key once
+    # the new DM answers QMP, while console/tty (xenconsoled's PV console pty) may already exist.
+    while [ -z "$atty" ] && [ "$i" -lt 120 ]; do
+        atty=$(timeout 30 xenstore-read "/local/domain/$1/serial/0/tty" 2>/dev/null)
         [ -n "$atty" ] || sleep 0.5
         i=$((i + 1))
     done
@@ -93,6 +94,7 @@ attach() {
         stty -F "$atty" raw -echo 2>/dev/null
         cat "$atty" >> "$serial" 2>/dev/null &
         catpid=$!
+        step "serial of domain $1: $atty"
         return 0
     fi
     step "no serial pty for domain $1 (serial/0/tty='$atty')"
