@@ -17,6 +17,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 HVMDM_REQUIRE_XENSTORED=1 cargo test --workspace 2>&1 | tee /tmp/hvmdm-unit.log
 grep -q "test result: FAILED" /tmp/hvmdm-unit.log && { echo "unit lane failed"; exit 1; }
+# The lane X checker must fail broken runs (mutations of real logs; < 1 s).
+python3 tests/lanex/selftest/selftest.py | tail -1
 
 echo "== fuzz (brief; long runs are by hand, see fuzz/README.md)"
 bash fuzz/run-brief.sh "${HVMDM_FUZZ_SECONDS:-15}"
