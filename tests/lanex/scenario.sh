@@ -313,7 +313,7 @@ if [ "$create_rc" = 0 ] && [ -n "$domid" ]; then
         [ -n "$r" ] && rss=$r
     fi
     if [ "$marker" = 1 ]; then
-        op_dm
+        [ -n "$SCENARIO_OPS" ] && op_dm
         for o in $SCENARIO_OPS; do
             to=$(up)
             step "op $o on domain $domid"
