@@ -112,11 +112,12 @@ for path in sys.argv[3:]:
                 m = re.search(r"HVMDM-UPTIME ([0-9.]+)", line)
                 if m:
                     r["uptime_s"] = float(m.group(1))
-                m = re.search(r"HVMDM-PIORATE port=0x([0-9a-f]+) .*per_s=([0-9]+)", line)
-                if m:
-                    key = {"64": "dm_pio", "21": "xen_pio"}.get(m.group(1))
-                    if key:
-                        r[key] = float(m.group(2))
+            # From the serial stream or, via Xen's debug port 0xe9, the outer console ("(dN) ").
+            m = re.search(r"HVMDM-PIORATE port=0x([0-9a-f]+) .*per_s=([0-9]+)", line)
+            if m and (line.startswith("serial|") or line.startswith("outer|")):
+                key = {"64": "dm_pio", "21": "xen_pio"}.get(m.group(1))
+                if key and key not in r:
+                    r[key] = float(m.group(2))
     # The same intervals on the host's clock: the last cfg line (just before `xl create -p`) to
     # the create step, the unpause step to the HVMDM-DONE step (dom0 polls every 0.5 s).
     ev = host.get(name, [])
