@@ -52,7 +52,8 @@ GUEST_TIMEOUT=${BENCH_GUEST_TIMEOUT:-900}
 PER_RUN=$((GUEST_TIMEOUT + 180))
 # On a loaded host dom0's own TSC calibration can fail (seen once: 295509 MHz for a 2596 MHz
 # TSC), leaving dom0's clock ~100x slow (scenario timings, sleeps, DM timers): then retry, or
-# try LANEX_DOM0_APPEND=clocksource=xen (unproven: the one run with it hung, see README).
+# try LANEX_DOM0_APPEND=clocksource=xen (not proven: its one run hit the host-load stall of
+# benches/README.md).
 export LANEX_DOM0_APPEND="${LANEX_DOM0_APPEND:-} lanex.timeout=$PER_RUN"
 export LANEX_TIMEOUT=${LANEX_TIMEOUT:-$((120 + 2 * N * PER_RUN))}
 export LANEX_TOTAL_TIMEOUT=${LANEX_TOTAL_TIMEOUT:-$((LANEX_TIMEOUT + 600))}
