@@ -113,10 +113,13 @@ wait_for() {
 }
 count() { grep -ac -- "$1" "$serial"; }
 more() { [ "$(count "$1")" -gt "$2" ]; }
-nbeats() { count 'HVMDM-BEAT '; }
+# Only complete heartbeat lines count: the serial log is read while the guest is still writing
+# one (byte by byte under TCG), and a bare "HVMDM-BEAT " prefix has no fields yet.
+BEAT_RE='HVMDM-BEAT [0-9][0-9]* [0-9][0-9.]* [0-9a-f-]\{36\}'
+nbeats() { count "$BEAT_RE"; }
 # The last heartbeat: "<n> <uptime> <boot_id>".
-lastbeat() { grep -a 'HVMDM-BEAT ' "$serial" | tail -n 1 | tr -d '\r' | sed 's/.*HVMDM-BEAT //'; }
-beating() { wait_for 60 more 'HVMDM-BEAT ' "$(nbeats)"; }
+lastbeat() { grep -a -- "$BEAT_RE" "$serial" | tail -n 1 | tr -d '\r' | sed 's/.*HVMDM-BEAT //'; }
+beating() { wait_for 60 more "$BEAT_RE" "$(nbeats)"; }
 # Two misses in a row (see dom_exists).
 dom_gone() { ! dom_exists "$1" && sleep 1 && ! dom_exists "$1"; }
 pid_gone() { [ ! -d "/proc/$1" ] || grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
@@ -143,7 +146,7 @@ op_pause() {
     # heartbeat interval and watch the paused guest for three of them.
     b=$(nbeats)
     t=$(up)
-    wait_for 90 more 'HVMDM-BEAT ' "$b"
+    wait_for 90 more "$BEAT_RE" "$b"
     iv=$(since "$t")
     win=$(awk -v i="$iv" 'BEGIN { w = 3 * i + 2; if (w < 10) w = 10; if (w > 120) w = 120; printf "%d", w }')
     b0=$(nbeats)
@@ -156,7 +159,7 @@ op_pause() {
     b2=$(nbeats)
     tu=$(up)
     xlop unpause 60 unpause "$GUEST"; urc=$?
-    wait_for 120 more 'HVMDM-BEAT ' "$b2"
+    wait_for 120 more "$BEAT_RE" "$b2"
     op "pause rc=$rc state=${state:-none} unpause_rc=$urc beat_interval_s=$iv pause_window_s=$win beats_before=$b0 beats_pause_start=$b1 beats_pause_end=$b2 beats_after=$(nbeats) resume_s=$(since "$tu")"
 }
 
@@ -183,7 +186,7 @@ op_save() {
     attach "$domid"
     b1=$(nbeats)
     xlop unpause 60 unpause "$GUEST"; urc=$?
-    wait_for 60 more 'HVMDM-BEAT ' "$b1"
+    wait_for 60 more "$BEAT_RE" "$b1"
     new=$(( $(nbeats) - b1 ))
     set -- $(lastbeat)
     op "save rc=$rc save_s=$save_s size=$size old_domain_gone=$ogone old_dm_gone_s=$dmg restore_rc=$rrc restore_s=$restore_s domid=${domid:-none} dm_pid=${dmpid:-none} dm_incoming=$incoming unpause_rc=$urc beat_before=$n0 uptime_before=$u0 boot_before=$id0 new_beats=$new beat_after=${1:-none} uptime_after=${2:-none} boot_after=${3:-none}"

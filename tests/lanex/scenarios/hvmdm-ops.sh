@@ -1,6 +1,8 @@
 # As qemu-xen-ops (see there), with hvmdm as the device model. hvmdm has no Xen platform device
 # yet, so the guest has no PV drivers: `xl shutdown -F` presses the ACPI power button (Xen raises
 # it; the guest's button driver powers off through hvmdm's PM1a_CNT), checked by `powerbtn`.
+# No `xl reboot`: without PV drivers xl cannot ask the guest to reboot (qemu-xen-ops covers it with
+# the platform device; a guest-initiated reboot through hvmdm's 0xCF9 under Xen is not tested yet).
 # Skipped without HVMDM_BIN.
 SCENARIO_DEFAULT=0
 SCENARIO_NEEDS=hvmdm
@@ -12,6 +14,6 @@ SCENARIO_GUEST_TIMEOUT=600
 SCENARIO_GUEST_APPEND="nopv hvmdm.beat=1 hvmdm.powerbtn=1"
 SCENARIO_GUEST_MODULES=button
 SCENARIO_ON_REBOOT=restart
-SCENARIO_OPS="pause save reboot shutdown destroy"
-SCENARIO_CHECKS="marker disk pci acpi-errors fwlog pause save reboot shutdown powerbtn destroy dm-log gone exit"
+SCENARIO_OPS="pause save shutdown destroy"
+SCENARIO_CHECKS="marker disk pci acpi-errors fwlog pause save shutdown powerbtn destroy dm-log gone exit"
 SCENARIO_TIMEOUT=1800
