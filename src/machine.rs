@@ -95,9 +95,6 @@ pub struct Machine {
     pub pty_path: Option<String>,
 }
 
-/// Upper bound of a device-state stream (what `-incoming` reads at most).
-pub const MAX_STATE_BYTES: u64 = snapshot::MAX_STREAM_LEN as u64;
-
 fn read(p: &std::path::Path) -> Result<Vec<u8>, MachineError> {
     std::fs::read(p).map_err(|err| MachineError::Read { path: p.display().to_string(), err })
 }

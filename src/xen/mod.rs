@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use hvmdm_devices::bus::BusListener;
 use hvmdm_devices::topology::Topology;
 use hvmdm_toolstack::argv::{DmArgs, SocketEndpoint};
-use hvmdm_toolstack::qmp::commands::DmControl;
+use hvmdm_toolstack::qmp::commands::{DmControl, XenQmp};
 use hvmdm_toolstack::qmp::server::{QmpListener, QmpServer};
 use hvmdm_xen::dm::XenDeviceModel;
 use hvmdm_xen::dm::{DeviceModelOps, Domid, IoservId};
@@ -114,9 +114,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
     .context("building the machine")?;
     let machine = Arc::new(machine);
 
-    let mut run_state = qmp::RunState::Running;
     if let Some(fd) = opts.incoming_fd {
-        run_state = qmp::RunState::InMigrate;
         // SAFETY: libxl opened this fd for us (`-incoming fd:N`) and nothing else owns it.
         let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         qmp::load_state(&machine, file)
@@ -124,11 +122,8 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
             .context("-incoming: loading device state")?;
         log::info!("device state restored from fd {fd}");
     }
-    if opts.start_paused {
-        run_state = qmp::RunState::Prelaunch;
-    } else if run_state == qmp::RunState::InMigrate {
-        run_state = qmp::RunState::Running;
-    }
+    // Device state (if any) is loaded: run unless `-S` asked to wait for `cont`.
+    let run_state = if opts.start_paused { qmp::RunState::Prelaunch } else { qmp::RunState::Running };
 
     let mut server = IoreqServer::start(dm.clone(), evtchn.clone(), fmem.clone(), domid, opts.max_vcpus)
         .context("starting the ioreq server")?;
@@ -148,7 +143,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
     // xentoolcore cannot restrict, and libxl learns readiness over QMP (`-S` + query-status) then.
     let mut xs = if opts.restrict { None } else { Some(XsClient::open().context("connecting to xenstore")?) };
 
-    let mut dispatcher = qmp::dispatcher(qmp::Control::new(&machine, run_state, ram.clone(), &cfg, &opts));
+    let mut dispatcher = XenQmp::new(qmp::Control::new(&machine, run_state, ram.clone(), &cfg, &opts));
     let mut monitors = Vec::new();
     for q in &opts.qmp {
         let l = match &q.endpoint {
@@ -164,9 +159,6 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
 
     deprivilege(&dm, &evtchn, &fmem, domid, &opts)?;
 
-    if run_state == qmp::RunState::Running {
-        record_running(&mut xs, domid, opts.restrict)?;
-    }
     log::info!("ready: ioreq server {} for domain {domid}", server.id());
 
     // Buffered (posted) writes run on this thread; each vCPU's synchronous requests on its own
@@ -180,8 +172,13 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
     );
     let inline = opts.max_vcpus == 1;
     let mut buffered_due: Option<Instant> = None;
-    let mut announced_running = run_state == qmp::RunState::Running;
+    let mut announced_running = false;
     loop {
+        // `running` in xenstore once the VM runs: at once, or after QMP `cont` with `-S`.
+        if !announced_running && dispatcher.ctl().run_state() == qmp::RunState::Running {
+            record_running(&mut xs, domid)?;
+            announced_running = true;
+        }
         let mut fds = vec![
             libc::pollfd { fd: sigfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: evtchn.fd(), events: libc::POLLIN, revents: 0 },
@@ -235,19 +232,14 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
                     EventOutcome::Buffered(s) if s.more => {
                         buffered_due = Some(Instant::now() + BUFFERED_POLL)
                     }
-                    EventOutcome::StateChanged { vcpu, state } => {
-                        // QEMU destroys the domain here: Xen or the guest broke the protocol.
-                        log::error!("vCPU {vcpu}: ioreq slot moved to state {state} while in process");
-                    }
+                    EventOutcome::StateChanged { vcpu, state } => slot_moved(vcpu, state),
                     _ => {}
                 }
             }
         }
         for r in workers.reports() {
             match r {
-                WorkerReport::StateChanged { vcpu, state } => {
-                    log::error!("vCPU {vcpu}: ioreq slot moved to state {state} while in process")
-                }
+                WorkerReport::StateChanged { vcpu, state } => slot_moved(vcpu, state),
                 other => log::error!("ioreq worker: {other:?}"),
             }
         }
@@ -255,11 +247,6 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
             if let Err(e) = m.service(&mut dispatcher) {
                 log::warn!("QMP listener: {e}");
             }
-        }
-        let state = dispatcher.ctl().run_state();
-        if state == qmp::RunState::Running && !announced_running {
-            record_running(&mut xs, domid, opts.restrict)?;
-            announced_running = true;
         }
     }
 
@@ -271,18 +258,16 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
 }
 
 /// `running` in `/local/domain/0/device-model/<domid>/state`: what libxl waits for (60 s).
-fn record_running(xs: &mut Option<XsClient>, domid: Domid, restricted: bool) -> Result<()> {
-    let path = format!("/local/domain/0/device-model/{domid}/state");
+/// Without a xenstore connection (restricted mode) libxl learns it over QMP instead.
+fn record_running(xs: &mut Option<XsClient>, domid: Domid) -> Result<()> {
     let Some(c) = xs.as_mut() else { return Ok(()) };
-    match c.write(&path, b"running") {
-        Ok(()) => Ok(()),
-        // A restricted device model may no longer write dom0's tree; libxl then relies on QMP.
-        Err(e) if restricted => {
-            log::warn!("{path}: {e} (ignored in restricted mode)");
-            Ok(())
-        }
-        Err(e) => Err(e).with_context(|| format!("writing {path}")),
-    }
+    let path = format!("/local/domain/0/device-model/{domid}/state");
+    c.write(&path, b"running").with_context(|| format!("writing {path}"))
+}
+
+/// Xen or the guest broke the ioreq protocol (QEMU destroys the domain here; we log it).
+fn slot_moved(vcpu: u32, state: u8) {
+    log::error!("vCPU {vcpu}: ioreq slot moved to state {state} while in process");
 }
 
 fn deprivilege(

@@ -5,9 +5,10 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use hvmdm_devices::snapshot;
 pub use hvmdm_toolstack::qmp::commands::RunState;
 use hvmdm_toolstack::qmp::commands::{
-    BlockInfo, BlockStats, ChardevInfo, DmControl, InsertedMedium, PciBar, PciBarKind, PciDeviceInfo, XenQmp,
+    BlockInfo, BlockStats, ChardevInfo, DmControl, InsertedMedium, PciBar, PciBarKind, PciDeviceInfo,
 };
 use hvmdm_toolstack::qmp::QmpError;
 use hvmdm_xen::dm::XenDeviceModel;
@@ -46,17 +47,9 @@ impl<'a> Control<'a> {
     }
 }
 
-pub fn dispatcher(c: Control<'_>) -> XenQmp<Control<'_>> {
-    XenQmp::new(c)
-}
-
 /// Loads a device-state stream written by `xen-save-devices-state` (`-incoming fd:N`).
 pub fn load_state(machine: &Machine, mut r: impl Read) -> Result<(), String> {
-    let mut buf = Vec::new();
-    r.by_ref()
-        .take(crate::machine::MAX_STATE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("reading: {e}"))?;
+    let buf = snapshot::read_stream(&mut r).map_err(|e| format!("reading: {e}"))?;
     machine.load_state(&buf).map_err(|e| e.to_string())
 }
 
