@@ -190,3 +190,23 @@ mkcpio() {
 
 # A short content hash of files (for cache keys).
 hash_files() { cat "$@" | sha256sum | cut -c1-12; }
+
+# select_scenarios DIR [NAME|FILE...]: sets the array `files` to the scenario files named (a path,
+# or NAME for DIR/NAME.sh), or with no names to every DIR/*.sh whose SCENARIO_DEFAULT is not 0.
+select_scenarios() {
+    local dir=$1 f d a
+    shift
+    files=()
+    if [ $# -eq 0 ]; then
+        for f in "$dir"/*.sh; do
+            d=$(. "$f"; echo "${SCENARIO_DEFAULT:-1}")
+            [ "$d" = 0 ] || files+=("$f")
+        done
+    else
+        for a in "$@"; do
+            if [ -f "$a" ]; then files+=("$(cd "$(dirname "$a")" && pwd)/$(basename "$a")")
+            elif [ -f "$dir/$a.sh" ]; then files+=("$dir/$a.sh")
+            else die "no scenario $a"; fi
+        done
+    fi
+}

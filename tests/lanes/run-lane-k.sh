@@ -37,19 +37,7 @@ KIT=$CACHE/guest
 mkdir -p "$OUT"
 
 # Scenario selection.
-files=()
-if [ $# -eq 0 ]; then
-    for f in "$SCEN_DIR"/*.sh; do
-        d=$(. "$f"; echo "${SCENARIO_DEFAULT:-1}")
-        [ "$d" = 0 ] || files+=("$f")
-    done
-else
-    for a in "$@"; do
-        if [ -f "$a" ]; then files+=("$(cd "$(dirname "$a")" && pwd)/$(basename "$a")")
-        elif [ -f "$SCEN_DIR/$a.sh" ]; then files+=("$SCEN_DIR/$a.sh")
-        else die "no scenario $a"; fi
-    done
-fi
+select_scenarios "$SCEN_DIR" "$@"
 
 meta() { # FILE -> one line of metadata
     ( SCENARIO_TIMEOUT=300 SCENARIO_NEEDS= SCENARIO_DEFAULT=1 SCENARIO_ISOLATE=0

@@ -25,19 +25,7 @@ HVMDM_BIN=${HVMDM_BIN:-$REPO_DIR/target/release/hvmdm}
 CPU=${LANEX_CPU:-max,-smap,-smep,-rdtscp}
 SCEN_DIR=$LANEX_DIR/scenarios
 
-files=()
-if [ $# -eq 0 ]; then
-    for f in "$SCEN_DIR"/*.sh; do
-        d=$(. "$f"; echo "${SCENARIO_DEFAULT:-1}")
-        [ "$d" = 0 ] || files+=("$f")
-    done
-else
-    for a in "$@"; do
-        if [ -f "$a" ]; then files+=("$(cd "$(dirname "$a")" && pwd)/$(basename "$a")")
-        elif [ -f "$SCEN_DIR/$a.sh" ]; then files+=("$SCEN_DIR/$a.sh")
-        else die "no scenario $a"; fi
-    done
-fi
+select_scenarios "$SCEN_DIR" "$@"
 # The outer VM gets dom0's boot plus every scenario's own limit (dom0-init.sh enforces those).
 limits=180
 for f in "${files[@]}"; do
