@@ -409,6 +409,18 @@ impl Machine {
         self.cpu_hotplug.as_ref()
     }
 
+    /// Marks vCPU `n` present in the legacy CPU hotplug bitmap and raises its GPE (SCI if the
+    /// guest enabled it). False without the bitmap (KVM machines) or when `n` is out of range or
+    /// present already.
+    pub fn plug_cpu(&self, n: u32) -> bool {
+        let Some(cpus) = &self.cpu_hotplug else { return false };
+        if !cpus.lock().unwrap_or_else(|p| p.into_inner()).plug(n) {
+            return false;
+        }
+        self.pm.lock().unwrap_or_else(|p| p.into_inner()).set_gpe_status(CpuHotplugBitmap::GPE_BIT);
+        true
+    }
+
     pub fn max_cpus(&self) -> u32 {
         self.max_cpus
     }
@@ -745,6 +757,31 @@ mod tests {
         m.pio.write_sync(0xb004, &(0x2001u16).to_le_bytes());
         let ev = platform.events.lock().unwrap().clone();
         assert_eq!(ev, vec![SystemEvent::Reset, SystemEvent::PowerOff]);
+    }
+
+    /// `xl vcpu-set` (QMP device_add): the bitmap shows the new vCPU and GPE0 bit 2 raises the
+    /// SCI once the guest enabled it; plugging it again or past maxcpus does nothing.
+    #[test]
+    fn xen_cpu_hotplug_raises_gpe() {
+        use hvmdm_devices::irq::IrqEvent;
+        let (m, irq, _) = xen_machine(1, 3);
+        m.pci_config_write(0, 0x0b, 0x40, 4, 0xb001);
+        m.pci_config_write(0, 0x0b, 0x80, 1, 1);
+        m.pio.write_sync(0xb2, &[0xf1]);
+        m.pio.write_sync(0xafe2, &[1 << CpuHotplugBitmap::GPE_BIT]);
+        irq.take();
+        assert!(m.plug_cpu(2));
+        let mut v = [0u8; 1];
+        m.pio.read_sync(0xaf00, &mut v);
+        assert_eq!(v[0], 0b101);
+        m.pio.read_sync(0xafe0, &mut v);
+        assert_eq!(v[0] & (1 << CpuHotplugBitmap::GPE_BIT), 1 << CpuHotplugBitmap::GPE_BIT);
+        assert!(irq.take().contains(&IrqEvent::Isa(9, true)), "SCI raised");
+        assert!(!m.plug_cpu(2), "already present");
+        assert!(!m.plug_cpu(3), "beyond maxcpus");
+        // The guest acknowledges the GPE: the SCI drops.
+        m.pio.write_sync(0xafe0, &[1 << CpuHotplugBitmap::GPE_BIT]);
+        assert!(irq.take().contains(&IrqEvent::Isa(9, false)));
     }
 
     /// xen-save-devices-state / -incoming: a fresh machine of the same configuration continues

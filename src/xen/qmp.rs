@@ -155,6 +155,17 @@ impl DmControl for Control<'_> {
         self.machine.max_cpus()
     }
 
+    fn hotplug_cpu(&mut self, index: u32) -> Result<(), QmpError> {
+        // Xen created every vCPU at build time; the guest's DSDT learns of the new one from the
+        // present bitmap and brings it up itself.
+        if self.machine.plug_cpu(index) {
+            log::info!("vCPU {index} hot-added");
+            Ok(())
+        } else {
+            Err(QmpError::generic(format!("CPU hotplug of vCPU {index} is not available")))
+        }
+    }
+
     fn save_devices_state(&mut self, fd: OwnedFd, _live: bool) -> Result<(), String> {
         let bytes = self.machine.save_state().map_err(|e| e.to_string())?;
         let mut f = std::fs::File::from(fd);

@@ -95,6 +95,11 @@ impl<'a> Args<'a> {
         }
     }
 
+    /// Members not read so far (for commands with open-ended properties, like `device_add`).
+    pub fn unread(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.map.keys().map(String::as_str).filter(|k| !self.used.contains(k))
+    }
+
     /// Fails on the first member that was not read.
     pub fn finish(self) -> Result<(), QmpError> {
         match self.map.keys().find(|k| !self.used.contains(&k.as_str())) {

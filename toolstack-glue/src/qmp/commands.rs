@@ -7,9 +7,10 @@
 //! `query-commands`, `add-fd`, `remove-fd`, `query-fdsets`, `getfd`, `closefd`.
 //!
 //! Deliberately not implemented, so `CommandNotFound` (the session's answer for names missing from
-//! [`XEN_COMMANDS`]): `device_add`/`device_del` (PCI passthrough, USB, vCPU hotplug), `cpu-add`,
+//! [`XEN_COMMANDS`]): `device_del`, `cpu-add`,
 //! `query-cpus` (libxl only falls back to it when `query-cpus-fast` is missing), `change`,
-//! `human-monitor-command` and the COLO/NBD commands.
+//! `human-monitor-command` and the COLO/NBD commands. `device_add` exists for vCPUs only (`xl
+//! vcpu-set`); PCI passthrough and USB drivers get QEMU's error for a device model it lacks.
 
 use super::{Args, Dispatcher, FdStore, QmpError, Version};
 use serde_json::{json, Map, Value};
@@ -36,6 +37,7 @@ pub const XEN_COMMANDS: &[&str] = &[
     "eject",
     "blockdev-change-medium",
     "system_wakeup",
+    "device_add",
 ];
 
 /// QEMU's texts for `system_wakeup` failures, for [`DmControl::system_wakeup`] implementations.
@@ -285,6 +287,13 @@ pub trait DmControl {
         Err(QmpError::generic(format!("Changing the medium of '{device}' is not supported")))
     }
 
+    /// `device_add` of vCPU `index` (`xl vcpu-set`): mark it present and tell the guest (the
+    /// legacy CPU hotplug GPE). [`XenQmp`] has checked the driver type and the index range;
+    /// the vCPU is not present yet.
+    fn hotplug_cpu(&mut self, index: u32) -> Result<(), QmpError> {
+        Err(QmpError::generic(format!("CPU hotplug of vCPU {index} is not supported")))
+    }
+
     /// `system_wakeup` (`xl trigger <d> s3resume`). QEMU's errors: [`WAKEUP_NOT_SUPPORTED`]
     /// unless the guest can suspend, then [`WAKEUP_NOT_SUSPENDED`] unless it is suspended.
     fn system_wakeup(&mut self) -> Result<(), QmpError> {
@@ -389,6 +398,46 @@ impl<C: DmControl> XenQmp<C> {
 
     fn query_blockstats(&self) -> Value {
         Value::Array(self.ctl.block_devices().iter().map(block_stats_json).collect())
+    }
+
+    /// `device_add`: vCPUs of the type `query-hotpluggable-cpus` reports, in libxl's topology
+    /// (socket n, core 0, thread 0). Checks follow QEMU's order and texts (`qdev_device_add`,
+    /// `pc_cpu_pre_plug`); any other driver is one this device model does not have.
+    fn device_add(&mut self, a: &mut Args<'_>) -> Result<(), QmpError> {
+        let driver = a.str("driver")?;
+        let ty = self.ctl.cpu_type();
+        if driver != ty {
+            return Err(QmpError::generic(format!("'{driver}' is not a valid device model name")));
+        }
+        a.opt_str("id")?;
+        let max = self.ctl.max_cpus();
+        let mut topo = [0u32; 3];
+        for (slot, (name, limit)) in topo.iter_mut().zip([("socket", max), ("core", 1), ("thread", 1)]) {
+            let key = format!("{name}-id");
+            let Some(v) = a.opt_int(&key)? else {
+                return Err(QmpError::generic(format!("CPU {key} is not set")));
+            };
+            match u32::try_from(v) {
+                Ok(v) if v < limit => *slot = v,
+                _ => {
+                    return Err(QmpError::generic(format!(
+                        "Invalid CPU {key}: {v} must be in range 0:{}",
+                        limit.saturating_sub(1)
+                    )))
+                }
+            }
+        }
+        // Anything else would be a CPU property hvmdm does not model.
+        let extra = a.unread().next().map(str::to_owned);
+        if let Some(k) = extra {
+            return Err(QmpError::generic(format!("Property '{ty}.{k}' not found")));
+        }
+        let index = topo[0];
+        if self.ctl.cpus().contains(&index) {
+            // One thread per socket: the APIC ID is the socket's index.
+            return Err(QmpError::generic(format!("CPU[{index}] with APIC ID {index} exists")));
+        }
+        self.ctl.hotplug_cpu(index)
     }
 
     /// QEMU's `qmp_get_blk`: exactly one of `device` (backend name) and `id` (guest device).
@@ -610,6 +659,10 @@ impl<C: DmControl> Dispatcher for XenQmp<C> {
                 let req = ChangeMedium::parse(&mut a)?;
                 a.finish()?;
                 self.change_medium(req)?;
+                empty()
+            }
+            "device_add" => {
+                self.device_add(&mut a)?;
                 empty()
             }
             "system_wakeup" => {
@@ -932,6 +985,10 @@ mod tests {
         }
         fn eject(&mut self, device: &str, force: bool) -> Result<(), QmpError> {
             self.calls.push(format!("eject {device} force={force}"));
+            Ok(())
+        }
+        fn hotplug_cpu(&mut self, index: u32) -> Result<(), QmpError> {
+            self.calls.push(format!("plug cpu {index}"));
             Ok(())
         }
         fn change_medium(&mut self, device: &str, m: NewMedium) -> Result<(), QmpError> {
@@ -1420,7 +1477,7 @@ mod tests {
     fn wakeup_and_unimplemented_commands() {
         let mut vm = Vm::new(FakeDm::default());
         assert_eq!(vm.err("system_wakeup", None), generic(WAKEUP_NOT_SUPPORTED));
-        for cmd in ["device_add", "device_del", "query-cpus", "cpu-add", "human-monitor-command", "change"] {
+        for cmd in ["device_del", "query-cpus", "cpu-add", "human-monitor-command", "change"] {
             assert_eq!(
                 vm.err(cmd, Some(json!({"id": "cpu-2", "driver": "qemu64-x86_64-cpu"}))),
                 json!({"class": "CommandNotFound", "desc": format!("The command {cmd} has not been found")})
@@ -1428,7 +1485,7 @@ mod tests {
         }
         // Direct execute of a name outside the list (the session never does this).
         assert_eq!(
-            vm.q.execute("device_add", &Map::new()).unwrap_err().class,
+            vm.q.execute("device_del", &Map::new()).unwrap_err().class,
             super::super::ErrorClass::CommandNotFound
         );
         let names = vm.ok("query-commands", None);
@@ -1436,6 +1493,48 @@ mod tests {
             names.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names.len(), BUILTIN_COMMANDS.len() + XEN_COMMANDS.len());
         assert!(XEN_COMMANDS.iter().all(|c| names.contains(c)));
+    }
+
+    /// `xl vcpu-set` raising the count: libxl's exact `device_add` for each new vCPU, and
+    /// QEMU's errors for everything it could get wrong.
+    #[test]
+    fn device_add_vcpu() {
+        let mut vm = Vm::new(FakeDm::default());
+        let ty = "qemu64-x86_64-cpu";
+        let add = |n: i64| json!({"id": format!("cpu-{n}"), "driver": ty, "socket-id": n, "core-id": 0, "thread-id": 0});
+        assert_eq!(vm.ok("device_add", Some(add(2))), json!({}));
+        assert_eq!(vm.ctl().calls, ["plug cpu 2"]);
+        // vCPU 1 is present in FakeDm; 4 is past maxcpus.
+        assert_eq!(vm.err("device_add", Some(add(1))), generic("CPU[1] with APIC ID 1 exists"));
+        assert_eq!(
+            vm.err("device_add", Some(add(4))),
+            generic("Invalid CPU socket-id: 4 must be in range 0:3")
+        );
+        assert_eq!(
+            vm.err("device_add", Some(add(-1))),
+            generic("Invalid CPU socket-id: -1 must be in range 0:3")
+        );
+        let mut a = add(3);
+        a["core-id"] = json!(1);
+        assert_eq!(vm.err("device_add", Some(a)), generic("Invalid CPU core-id: 1 must be in range 0:0"));
+        let mut a = add(3);
+        a.as_object_mut().unwrap().remove("socket-id");
+        assert_eq!(vm.err("device_add", Some(a)), generic("CPU socket-id is not set"));
+        let mut a = add(3);
+        a["apic-id"] = json!(3);
+        assert_eq!(vm.err("device_add", Some(a)), generic(&format!("Property '{ty}.apic-id' not found")));
+        let mut a = add(3);
+        a["socket-id"] = json!("3");
+        assert_eq!(vm.err("device_add", Some(a))["class"], "GenericError");
+        // Other device models libxl may name (PCI passthrough, USB) do not exist here.
+        for driver in ["xen-pci-passthrough", "piix3-usb-uhci", "host-x86_64-cpu"] {
+            assert_eq!(
+                vm.err("device_add", Some(json!({"driver": driver, "id": "x"}))),
+                generic(&format!("'{driver}' is not a valid device model name"))
+            );
+        }
+        assert_eq!(vm.err("device_add", None)["class"], "GenericError");
+        assert_eq!(vm.ctl().calls, ["plug cpu 2"]);
     }
 
     /// Framing junk (bad JSON, oversized messages, bad `execute`/`arguments`) is covered by
