@@ -421,6 +421,15 @@ impl Machine {
         true
     }
 
+    /// Before waking the guest from ACPI S3: CMOS shutdown status 0xFE tells the firmware to
+    /// take its resume path (jump to the OS waking vector) instead of a cold boot, as QEMU's
+    /// RTC sets it on suspend.
+    pub fn prepare_s3_resume(&self) {
+        const SHUTDOWN_STATUS: u8 = 0x0f;
+        const S3_RESUME: u8 = 0xfe;
+        self.cmos.lock().unwrap_or_else(|p| p.into_inner()).set_nvram(SHUTDOWN_STATUS, S3_RESUME);
+    }
+
     pub fn max_cpus(&self) -> u32 {
         self.max_cpus
     }
@@ -760,9 +769,10 @@ mod tests {
     }
 
     /// `xl vcpu-set` (QMP device_add): the bitmap shows the new vCPU and GPE0 bit 2 raises the
-    /// SCI once the guest enabled it; plugging it again or past maxcpus does nothing.
+    /// SCI once the guest enabled it; plugging it again or past maxcpus does nothing. Also the
+    /// other toolstack-driven change of guest-visible state, the S3 resume flag.
     #[test]
-    fn xen_cpu_hotplug_raises_gpe() {
+    fn xen_cpu_hotplug_and_s3_flag() {
         use hvmdm_devices::irq::IrqEvent;
         let (m, irq, _) = xen_machine(1, 3);
         m.pci_config_write(0, 0x0b, 0x40, 4, 0xb001);
@@ -777,6 +787,11 @@ mod tests {
         m.pio.read_sync(0xafe0, &mut v);
         assert_eq!(v[0] & (1 << CpuHotplugBitmap::GPE_BIT), 1 << CpuHotplugBitmap::GPE_BIT);
         assert!(irq.take().contains(&IrqEvent::Isa(9, true)), "SCI raised");
+        // S3 wake-up: the firmware's resume flag in CMOS 0x0F.
+        m.prepare_s3_resume();
+        m.pio.write_sync(0x70, &[0x0f]);
+        m.pio.read_sync(0x71, &mut v);
+        assert_eq!(v[0], 0xfe);
         assert!(!m.plug_cpu(2), "already present");
         assert!(!m.plug_cpu(3), "beyond maxcpus");
         // The guest acknowledges the GPE: the SCI drops.

@@ -6,7 +6,7 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_XEN_LIBS").is_none() {
         return;
     }
-    for lib in ["xendevicemodel", "xenforeignmemory", "xenevtchn", "xengnttab", "xentoolcore"] {
+    for lib in ["xendevicemodel", "xenforeignmemory", "xenevtchn", "xengnttab", "xentoolcore", "xencall"] {
         if let Err(e) = pkg_config::Config::new().probe(lib) {
             // A clear build failure beats undefined symbols at link time.
             panic!("feature xen-libs: pkg-config cannot find {lib} (install libxen-dev): {e}");

@@ -28,6 +28,7 @@ use hvmdm_xen::dm::{DeviceModelOps, Domid, IoservId};
 use hvmdm_xen::evtchn::EventChannels;
 use hvmdm_xen::evtchn::XenEventChannels;
 use hvmdm_xen::foreign::XenForeignMemory;
+use hvmdm_xen::hvmparam::XenCall;
 use hvmdm_xen::ioreq::PciSbdf;
 use hvmdm_xen::mapcache::MapCache;
 use hvmdm_xen::platform::{XenIrq, XenPlatform};
@@ -97,7 +98,15 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
 
     let ram: Arc<Ram> =
         Arc::new(MapCache::new(dm.clone(), fmem.clone(), domid, opts.ram_below_4g, opts.ram_above_4g));
-    let platform = Arc::new(XenPlatform::new(dm.clone(), domid));
+    let mut platform = XenPlatform::new(dm.clone(), domid);
+    if !opts.restrict {
+        // ACPI S3 needs HVMOP_set_param on an unrestrictable privcmd handle: not when restricted.
+        match XenCall::open() {
+            Ok(xc) => platform = platform.with_s3(Arc::new(xc)),
+            Err(e) => log::warn!("ACPI S3 unavailable: {e}"),
+        }
+    }
+    let platform = Arc::new(platform);
     let irq = Arc::new(XenIrq::new(dm.clone(), domid));
     let machine = Machine::build(
         &cfg,
@@ -143,7 +152,8 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
     // xentoolcore cannot restrict, and libxl learns readiness over QMP (`-S` + query-status) then.
     let mut xs = if opts.restrict { None } else { Some(XsClient::open().context("connecting to xenstore")?) };
 
-    let mut dispatcher = XenQmp::new(qmp::Control::new(&machine, run_state, ram.clone(), &cfg, &opts));
+    let mut dispatcher =
+        XenQmp::new(qmp::Control::new(&machine, platform.clone(), run_state, ram.clone(), &cfg, &opts));
     let mut monitors = Vec::new();
     for q in &opts.qmp {
         let l = match &q.endpoint {
@@ -165,11 +175,13 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
     // worker, so one vCPU's slow disk request does not hold up another vCPU's I/O.
     let mut handler = handler::MachineIo { machine: machine.clone() };
     let m2 = machine.clone();
+    let p2 = platform.clone();
     let mut workers = VcpuWorkers::with_handler(
         opts.max_vcpus,
         move |_vcpu| handler::MachineIo { machine: m2.clone() },
         ram.clone(),
-    );
+    )
+    .with_after_answer(Arc::new(move || p2.enter_pending_suspend()));
     let inline = opts.max_vcpus == 1;
     let mut buffered_due: Option<Instant> = None;
     let mut announced_running = false;
@@ -221,7 +233,11 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
                 let out = match ev {
                     // With one vCPU there is no other vCPU to hold up: serve inline and save
                     // the two thread hand-offs per request.
-                    Event::Request(f) if inline => f.run(&mut handler, &*ram)?,
+                    Event::Request(f) if inline => {
+                        let out = f.run(&mut handler, &*ram)?;
+                        platform.enter_pending_suspend();
+                        out
+                    }
                     Event::Request(f) => {
                         workers.dispatch(f);
                         continue;
@@ -237,6 +253,9 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
                 }
             }
         }
+        // Any other path that served the sleep write (buffered drain, a request run here
+        // because no worker could take it) has answered by now.
+        platform.enter_pending_suspend();
         for r in workers.reports() {
             match r {
                 WorkerReport::StateChanged { vcpu, state } => slot_moved(vcpu, state),

@@ -9,11 +9,13 @@ use hvmdm_devices::snapshot;
 pub use hvmdm_toolstack::qmp::commands::RunState;
 use hvmdm_toolstack::qmp::commands::{
     BlockInfo, BlockStats, ChardevInfo, DmControl, InsertedMedium, PciBar, PciBarKind, PciDeviceInfo,
+    WAKEUP_NOT_SUPPORTED, WAKEUP_NOT_SUSPENDED,
 };
 use hvmdm_toolstack::qmp::QmpError;
 use hvmdm_xen::dm::XenDeviceModel;
 use hvmdm_xen::foreign::XenForeignMemory;
 use hvmdm_xen::mapcache::MapCache;
+use hvmdm_xen::XenPlatform;
 
 use super::config::XenOpts;
 use crate::config::MachineConfig;
@@ -21,6 +23,7 @@ use crate::machine::Machine;
 
 pub struct Control<'a> {
     machine: &'a Machine,
+    platform: Arc<XenPlatform<XenDeviceModel>>,
     ram: Arc<MapCache<XenDeviceModel, XenForeignMemory>>,
     state: RunState,
     drives: Vec<(String, String, bool, u64)>,
@@ -29,6 +32,7 @@ pub struct Control<'a> {
 impl<'a> Control<'a> {
     pub fn new(
         machine: &'a Machine,
+        platform: Arc<XenPlatform<XenDeviceModel>>,
         state: RunState,
         ram: Arc<MapCache<XenDeviceModel, XenForeignMemory>>,
         cfg: &MachineConfig,
@@ -43,7 +47,7 @@ impl<'a> Control<'a> {
                 (id.clone(), d.path.display().to_string(), d.readonly, size)
             })
             .collect();
-        Control { machine, ram, state, drives }
+        Control { machine, platform, ram, state, drives }
     }
 }
 
@@ -55,7 +59,25 @@ pub fn load_state(machine: &Machine, mut r: impl Read) -> Result<(), String> {
 
 impl DmControl for Control<'_> {
     fn run_state(&self) -> RunState {
+        // Xen holds a guest in S3 itself; a paused or migrating state says more than that.
+        if self.state == RunState::Running && self.platform.is_suspended() {
+            return RunState::Suspended;
+        }
         self.state
+    }
+
+    fn system_wakeup(&mut self) -> Result<(), QmpError> {
+        if !self.platform.can_suspend() {
+            return Err(QmpError::generic(WAKEUP_NOT_SUPPORTED));
+        }
+        if !self.platform.is_suspended() {
+            return Err(QmpError::generic(WAKEUP_NOT_SUSPENDED));
+        }
+        // Devices keep their state over S3 (the guest's drivers re-initialise what they use;
+        // PIIX config such as the PM base survives, as with qemu-xen); only the firmware's
+        // resume flag is set.
+        self.machine.prepare_s3_resume();
+        self.platform.wakeup().map(drop).map_err(|e| QmpError::generic(format!("wake-up failed: {e}")))
     }
 
     fn stop(&mut self) -> Result<(), QmpError> {

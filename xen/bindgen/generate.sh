@@ -13,8 +13,10 @@ out=src/sys/bindings.rs
     --allowlist-function 'xenevtchn_(open|close|fd|bind_interdomain|unbind|notify|pending|unmask|restrict)' \
     --allowlist-function 'xengnttab_(open|close|fd|set_max_grants|map_grant_ref|map_grant_refs|map_domain_grant_refs|unmap|grant_copy)' \
     --allowlist-function 'xentoolcore_restrict_all' \
+    --allowlist-function 'xencall_(open|close|alloc_buffer|free_buffer)|xencall2' \
+    --allowlist-type 'xen_hvm_param' \
     --allowlist-type 'ioreq|shared_iopage|buf_ioreq|buffered_iopage' \
-    --allowlist-var 'IOREQ_.*|STATE_IOREQ_.*|STATE_IORESP_READY|HVM_IOREQSRV_BUFIOREQ_.*|XENMEM_resource_ioreq_server.*|HVM_PARAM_(IOREQ_PFN|BUFIOREQ_PFN|ACPI_S_STATE|BUFIOREQ_EVTCHN|IOREQ_SERVER_PFN|NR_IOREQ_SERVER_PAGES)|SHUTDOWN_(poweroff|reboot|suspend|crash)' \
+    --allowlist-var 'IOREQ_.*|STATE_IOREQ_.*|STATE_IORESP_READY|HVM_IOREQSRV_BUFIOREQ_.*|XENMEM_resource_ioreq_server.*|HVM_PARAM_(IOREQ_PFN|BUFIOREQ_PFN|ACPI_S_STATE|BUFIOREQ_EVTCHN|IOREQ_SERVER_PFN|NR_IOREQ_SERVER_PAGES)|SHUTDOWN_(poweroff|reboot|suspend|crash)|HVMOP_set_param|__HYPERVISOR_hvm_op' \
     -- -I/usr/include -D__XEN_TOOLS__
 } > "$out.tmp"
 mv "$out.tmp" "$out"

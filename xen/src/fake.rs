@@ -47,6 +47,7 @@ pub enum FakeCall {
     Msi { addr: u64, data: u32 },
     ModifiedMemory { first_pfn: u64, nr: u32 },
     Shutdown(ShutdownReason),
+    SetParam { index: u32, value: u64 },
     Restrict(&'static str),
     MapGuest { pfns: Vec<u64>, writable: bool },
     UnmapGuest,
@@ -232,6 +233,12 @@ impl FakeXen {
     pub fn ram(&self, gpa: usize, len: usize) -> Vec<u8> {
         let r = self.ram.lock().unwrap_or_else(|p| p.into_inner());
         r.get(gpa..gpa + len).map(<[u8]>::to_vec).unwrap_or_default()
+    }
+}
+
+impl crate::hvmparam::HvmParams for FakeXen {
+    fn set_param(&self, _: Domid, index: u32, value: u64) -> Result<(), XenError> {
+        self.checked("set_param", FakeCall::SetParam { index, value })
     }
 }
 

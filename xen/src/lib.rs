@@ -10,6 +10,7 @@ pub mod error;
 pub mod evtchn;
 pub mod fake;
 pub mod foreign;
+pub mod hvmparam;
 pub mod ioreq;
 pub mod mapcache;
 pub mod platform;

@@ -4,6 +4,7 @@
 //! `xendevicemodel_shutdown` ([`XenPlatform`]). Xen's virtual PIC/IOAPIC does the OR-ing of
 //! routed PCI INTx with ISA lines, so no routing happens here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hvmdm_devices::irq::IrqSink;
@@ -11,6 +12,8 @@ use hvmdm_devices::platform::{PamAttr, PlatformControl, ShadowControl, SystemEve
 use hvmdm_devices::warn_limited;
 
 use crate::dm::{DeviceModelOps, Domid, ShutdownReason};
+use crate::error::XenError;
+use crate::hvmparam::{HvmParams, ACPI_S_STATE};
 use crate::ioreq::PciSbdf;
 use crate::sys::ioreq::xen_dmop_pci_sbdf;
 
@@ -149,9 +152,11 @@ pub type EventCallback = Box<dyn Fn(SystemEvent) + Send + Sync>;
 ///   responding). libxl then destroys or restarts the domain and this process with it. Only the
 ///   first successful shutdown is sent: Xen keeps the first reason anyway, and a guest hammering
 ///   0xCF9 must not cause a hypercall per write.
-/// - Suspend (ACPI S3) is not implemented on Xen yet: it needs `HVM_PARAM_ACPI_S_STATE` = 3,
-///   which is set with `xc_hvm_param_set` (a domctl-class hypercall outside the dm-op interface
-///   that [`DeviceModelOps`] wraps). It is logged and reported to the main loop only.
+/// - Suspend (ACPI S3) sets `HVM_PARAM_ACPI_S_STATE` = 3 through [`HvmParams`] (given with
+///   [`XenPlatform::with_s3`]) once the request is answered ([`XenPlatform::enter_pending_suspend`]): Xen pauses the domain and resets its vCPUs to the reset vector,
+///   and the firmware's resume path runs once [`XenPlatform::wakeup`] sets it back to 0 (QMP
+///   `system_wakeup`, `xl trigger <d> s3resume`). Without [`HvmParams`] (restricted mode) the
+///   request is logged and ignored, and the guest's sleep write has no effect.
 /// - PAM: no-op. Xen owns guest RAM (0xC0000-0xFFFFF is plain RAM the toolstack populated) and
 ///   qemu-xen ignores PAM as well.
 ///
@@ -163,6 +168,9 @@ pub struct XenPlatform<D: DeviceModelOps> {
     callback: Option<EventCallback>,
     events: Mutex<Vec<SystemEvent>>,
     shutdown_sent: Mutex<Option<ShutdownReason>>,
+    params: Option<Arc<dyn HvmParams>>,
+    suspended: AtomicBool,
+    suspend_pending: AtomicBool,
 }
 
 /// Bound on queued, untaken events: a guest can request resets in a loop.
@@ -185,6 +193,72 @@ impl<D: DeviceModelOps> XenPlatform<D> {
             callback: None,
             events: Mutex::new(Vec::new()),
             shutdown_sent: Mutex::new(None),
+            params: None,
+            suspended: AtomicBool::new(false),
+            suspend_pending: AtomicBool::new(false),
+        }
+    }
+
+    /// Enables ACPI S3: suspend and wake-up set `HVM_PARAM_ACPI_S_STATE` through `params`.
+    pub fn with_s3(mut self, params: Arc<dyn HvmParams>) -> Self {
+        self.params = Some(params);
+        self
+    }
+
+    /// Whether the guest can be suspended (and so woken): S3 was enabled.
+    pub fn can_suspend(&self) -> bool {
+        self.params.is_some()
+    }
+
+    /// Whether the guest is in S3 (Xen holds the domain until [`XenPlatform::wakeup`]).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Ordering::Acquire)
+    }
+
+    /// Leaves S3: `HVM_PARAM_ACPI_S_STATE` = 0, so Xen lets the vCPUs run from the reset
+    /// vector into the firmware's resume path. Returns false if the guest was not suspended.
+    pub fn wakeup(&self) -> Result<bool, XenError> {
+        let Some(p) = &self.params else { return Ok(false) };
+        if !self.suspended.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        p.set_param(self.domid, ACPI_S_STATE, 0)?;
+        self.suspended.store(false, Ordering::Release);
+        log::info!("domain {}: woken from ACPI S3", self.domid);
+        Ok(true)
+    }
+
+    /// Enters S3 if the guest asked for it. Call once the request that asked has been
+    /// answered (QEMU sets the parameter from its main loop after the ioreq completed, so the
+    /// vCPU Xen resets has no request in flight).
+    pub fn enter_pending_suspend(&self) {
+        if self.suspend_pending.swap(false, Ordering::AcqRel) {
+            self.suspend();
+        }
+    }
+
+    fn suspend(&self) {
+        let Some(p) = &self.params else {
+            warn_limited!(
+                "xen-platform-s3",
+                "domain {}: guest requested ACPI S3, unavailable in restricted mode; ignored",
+                self.domid
+            );
+            return;
+        };
+        if self.suspended.load(Ordering::Acquire) {
+            return;
+        }
+        match p.set_param(self.domid, ACPI_S_STATE, 3) {
+            Ok(()) => {
+                self.suspended.store(true, Ordering::Release);
+                log::info!("domain {}: guest entered ACPI S3", self.domid);
+            }
+            Err(e) => warn_limited!(
+                "xen-platform-s3",
+                "domain {}: setting HVM_PARAM_ACPI_S_STATE=3 failed: {e}",
+                self.domid
+            ),
         }
     }
 
@@ -233,12 +307,7 @@ impl<D: DeviceModelOps + Send + Sync> PlatformControl for XenPlatform<D> {
         match event {
             SystemEvent::Reset => self.shutdown(ShutdownReason::Reboot),
             SystemEvent::PowerOff => self.shutdown(ShutdownReason::Poweroff),
-            SystemEvent::Suspend => warn_limited!(
-                "xen-platform-s3",
-                "domain {}: guest requested ACPI S3; not implemented on Xen yet \
-                 (HVM_PARAM_ACPI_S_STATE is outside the dm-op interface), ignored",
-                self.domid
-            ),
+            SystemEvent::Suspend => self.suspend_pending.store(true, Ordering::Release),
         }
         {
             let mut q = lock(&self.events);
@@ -381,6 +450,40 @@ mod tests {
         p.request(SystemEvent::PowerOff);
         assert_eq!(f.calls(), vec![FakeCall::Shutdown(ShutdownReason::Poweroff)]);
         assert_eq!(p.shutdown_sent(), Some(ShutdownReason::Poweroff));
+    }
+
+    /// S3: the parameter is set only once the request was answered, wake-up clears it, and a
+    /// failed call leaves the guest running (and wakeable never).
+    #[test]
+    fn s3_sets_the_acpi_s_state_param_after_the_answer() {
+        let f = fake();
+        let p = XenPlatform::new(f.clone(), 5).with_s3(f.clone());
+        assert!(p.can_suspend());
+        assert_eq!(p.wakeup(), Ok(false), "not suspended");
+        p.request(SystemEvent::Suspend);
+        assert!(f.calls().is_empty(), "nothing before the vCPU has its answer");
+        assert!(!p.is_suspended());
+        p.enter_pending_suspend();
+        p.enter_pending_suspend();
+        assert!(p.is_suspended());
+        assert_eq!(f.calls(), vec![FakeCall::SetParam { index: ACPI_S_STATE, value: 3 }]);
+        // A second sleep write while suspended changes nothing.
+        p.request(SystemEvent::Suspend);
+        p.enter_pending_suspend();
+        assert_eq!(f.calls().len(), 1);
+        f.fail_next("set_param", libc::EPERM);
+        assert!(p.wakeup().is_err());
+        assert!(p.is_suspended(), "still asleep after a failed wake-up");
+        assert_eq!(p.wakeup(), Ok(true));
+        assert!(!p.is_suspended());
+        assert_eq!(f.calls().last(), Some(&FakeCall::SetParam { index: ACPI_S_STATE, value: 0 }));
+
+        f.clear_calls();
+        f.fail_next("set_param", libc::EPERM);
+        p.request(SystemEvent::Suspend);
+        p.enter_pending_suspend();
+        assert!(!p.is_suspended());
+        assert!(f.calls().is_empty());
     }
 
     #[test]

@@ -652,6 +652,8 @@ struct WorkerCtx {
     exec: IoreqExec,
     reports: SyncSender<WorkerReport>,
     completed: AtomicU64,
+    /// Run after each answer (work that must wait until the vCPU has its reply, e.g. S3).
+    after_answer: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl WorkerCtx {
@@ -681,6 +683,9 @@ impl WorkerCtx {
                 f.abandon()
             }
         };
+        if let Some(hook) = &self.after_answer {
+            hook();
+        }
         match result {
             Ok(EventOutcome::Completed { .. }) => {
                 self.completed.fetch_add(1, Ordering::Relaxed);
@@ -740,11 +745,21 @@ where
         let (tx, reports) = mpsc::sync_channel(REPORT_QUEUE);
         let n = (max_vcpus as usize).min(IOREQ_SLOTS_PER_PAGE);
         VcpuWorkers {
-            ctx: Arc::new(WorkerCtx { exec, reports: tx, completed: AtomicU64::new(0) }),
+            ctx: Arc::new(WorkerCtx { exec, reports: tx, completed: AtomicU64::new(0), after_answer: None }),
             workers: (0..n).map(|_| None).collect(),
             reports,
             stopped: false,
         }
+    }
+
+    /// Runs `hook` on the worker after each request is answered. Set it before the first
+    /// dispatch (later calls are ignored with a log line: running workers share the context).
+    pub fn with_after_answer(mut self, hook: Arc<dyn Fn() + Send + Sync>) -> Self {
+        match Arc::get_mut(&mut self.ctx) {
+            Some(ctx) => ctx.after_answer = Some(hook),
+            None => log::error!("ioreq workers already running: after-answer hook not installed"),
+        }
+        self
     }
 
     /// Workers executing with [`process`] through a handler made per request by

@@ -479,6 +479,8 @@ impl<const N: usize> __BindgenBitfieldUnit<[u8; N]> {
         }
     }
 }
+pub const __HYPERVISOR_hvm_op: u32 = 34;
+pub const HVMOP_set_param: u32 = 0;
 pub const HVM_IOREQSRV_BUFIOREQ_OFF: u32 = 0;
 pub const HVM_IOREQSRV_BUFIOREQ_LEGACY: u32 = 1;
 pub const HVM_IOREQSRV_BUFIOREQ_ATOMIC: u32 = 2;
@@ -510,6 +512,14 @@ pub type xen_pfn_t = ::core::ffi::c_ulong;
 pub type domid_t = u16;
 pub type evtchn_port_t = u32;
 pub type ioservid_t = u16;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct xen_hvm_param {
+    pub domid: domid_t,
+    pub pad: u16,
+    pub index: u32,
+    pub value: u64,
+}
 pub const hvmmem_type_t_HVMMEM_ram_rw: hvmmem_type_t = 0;
 pub const hvmmem_type_t_HVMMEM_ram_ro: hvmmem_type_t = 1;
 pub const hvmmem_type_t_HVMMEM_mmio_dm: hvmmem_type_t = 2;
@@ -923,6 +933,34 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn xentoolcore_restrict_all(domid: domid_t) -> ::core::ffi::c_int;
+}
+#[repr(C)]
+#[derive(Debug)]
+pub struct xencall_handle {
+    _unused: [u8; 0],
+}
+unsafe extern "C" {
+    pub fn xencall_open(
+        logger: *mut xentoollog_logger,
+        open_flags: ::core::ffi::c_uint,
+    ) -> *mut xencall_handle;
+}
+unsafe extern "C" {
+    pub fn xencall_close(xcall: *mut xencall_handle) -> ::core::ffi::c_int;
+}
+unsafe extern "C" {
+    pub fn xencall2(
+        xcall: *mut xencall_handle,
+        op: ::core::ffi::c_uint,
+        arg1: u64,
+        arg2: u64,
+    ) -> ::core::ffi::c_int;
+}
+unsafe extern "C" {
+    pub fn xencall_alloc_buffer(xcall: *mut xencall_handle, size: usize) -> *mut ::core::ffi::c_void;
+}
+unsafe extern "C" {
+    pub fn xencall_free_buffer(xcall: *mut xencall_handle, p: *mut ::core::ffi::c_void);
 }
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
