@@ -19,6 +19,11 @@
 #   hvmdm.powerbtn=1   with hvmdm.beat: watch the ACPI fixed power-button event counter
 #                      (/sys/firmware/acpi/interrupts/ff_pwr_btn, enabled by the `button` module:
 #                      add hvmdm.modules=button) and on a press print HVMDM-POWERBTN, poweroff -f.
+#   hvmdm.cpuhp=1      with hvmdm.beat: online every hot-added CPU (ACPI CPU hotplug, `xl vcpu-set`)
+#                      and print HVMDM-CPU-ONLINE <cpuN> <its online flag> <online CPU list>.
+#   hvmdm.slpbtn=1     with hvmdm.beat: on an ACPI fixed sleep-button event (`xl trigger sleep`)
+#                      print HVMDM-S3-ENTER, suspend to RAM (echo mem > /sys/power/state), then
+#                      print HVMDM-S3-RESUMED (or HVMDM-S3-FAILED if the kernel refused).
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
 
@@ -40,6 +45,8 @@ END=poweroff
 REBOOT=0
 BEAT=0
 POWERBTN=0
+CPUHP=0
+SLPBTN=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         hvmdm.check=*) CHECK=${arg#*=} ;;
@@ -51,6 +58,8 @@ for arg in $(cat /proc/cmdline); do
         hvmdm.reboot=*) REBOOT=${arg#*=} ;;
         hvmdm.beat=*) BEAT=${arg#*=} ;;
         hvmdm.powerbtn=*) POWERBTN=${arg#*=} ;;
+        hvmdm.cpuhp=*) CPUHP=${arg#*=} ;;
+        hvmdm.slpbtn=*) SLPBTN=${arg#*=} ;;
     esac
 done
 want() { case ",$CHECK,all," in *",$1,"*|*",all,"*) return 0 ;; esac; return 1; }
@@ -174,6 +183,11 @@ if [ "$BEAT" -gt 0 ] 2>/dev/null; then
     PB=/sys/firmware/acpi/interrupts/ff_pwr_btn
     pbcount() { set -- $(cat "$PB" 2>/dev/null); echo "${1:-0}"; }
     pb0=$(pbcount)
+    SB=/sys/firmware/acpi/interrupts/ff_slp_btn
+    sbcount() { set -- $(cat "$SB" 2>/dev/null); echo "${1:-0}"; }
+    sb0=$(sbcount)
+    [ "$SLPBTN" = 1 ] && out "HVMDM-SLPBTN-WATCH $(cat "$SB" 2>/dev/null || echo missing)"
+    cpus_done=
     [ "$POWERBTN" = 1 ] && out "HVMDM-POWERBTN-WATCH $(cat "$PB" 2>/dev/null || echo missing)"
     # busybox poweroff/reboot without -f signal init (the PV control path runs them).
     trap 'out "HVMDM-PV-POWEROFF"; sync; poweroff -f' USR2
@@ -186,6 +200,25 @@ if [ "$BEAT" -gt 0 ] 2>/dev/null; then
             out "HVMDM-POWERBTN $(cat "$PB")"
             sync
             poweroff -f
+        fi
+        if [ "$CPUHP" = 1 ]; then
+            for c in /sys/devices/system/cpu/cpu[1-9]*; do
+                [ -f "$c/online" ] || continue
+                case " $cpus_done " in *" ${c##*/} "*) continue ;; esac
+                cpus_done="$cpus_done ${c##*/}"
+                [ "$(cat "$c/online")" = 1 ] || echo 1 > "$c/online" 2>/dev/null
+                out "HVMDM-CPU-ONLINE ${c##*/} $(cat "$c/online") $(cat /sys/devices/system/cpu/online)"
+            done
+        fi
+        if [ "$SLPBTN" = 1 ] && [ "$(sbcount)" != "$sb0" ]; then
+            sb0=$(sbcount)
+            out "HVMDM-S3-ENTER $n"
+            sync
+            if echo mem > /sys/power/state; then
+                out "HVMDM-S3-RESUMED $n"
+            else
+                out "HVMDM-S3-FAILED $n"
+            fi
         fi
         sleep "$BEAT"
     done

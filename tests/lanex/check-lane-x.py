@@ -29,6 +29,10 @@ HVMDM-BEAT <n> <uptime> <boot_id>):
                same boot (boot_id) goes on: higher heartbeat number, higher uptime
   reboot       `xl reboot` succeeds, xl builds a new domain (on_reboot="restart"), the old device
                model exits, the new boot reaches HVMDM-DONE again with a new boot_id
+  vcpuset      `xl vcpu-set` to 2 succeeds and the guest brings the hot-added vCPU up (cpu1
+               online, online list 0-1)
+  s3           `xl trigger sleep` makes the guest suspend to RAM, `xl trigger s3resume` wakes it,
+               and the same boot goes on (boot_id unchanged, heartbeats continue)
   shutdown     `xl shutdown -F` succeeds, the guest saw the request (PV control or ACPI power
                button), the domain and its device model go away, shutdown reason poweroff
   powerbtn     that shutdown went through the ACPI power button (no PV drivers in the guest)
@@ -44,7 +48,7 @@ import sys
 
 OUT = os.environ.get("LANEX_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
 DEFAULT_CHECKS = ["marker", "disk", "pci", "acpi-errors", "fwlog", "gone", "exit"]
-OP_CHECKS = ["pause", "save", "reboot", "shutdown", "powerbtn", "destroy", "restricted", "dm-log"]
+OP_CHECKS = ["pause", "save", "vcpuset", "s3", "reboot", "shutdown", "powerbtn", "destroy", "restricted", "dm-log"]
 ALL_CHECKS = DEFAULT_CHECKS + OP_CHECKS
 ORDER = ["ran", "create"] + ALL_CHECKS
 
@@ -106,6 +110,22 @@ def check_op(c, ops):
         ub, ua = num(o.get("uptime_before")), num(o.get("uptime_after"))
         need(nb is not None and na is not None and na > nb, "heartbeat number did not go on (%s -> %s)" % (nb, na))
         need(ub is not None and ua is not None and ua > ub, "uptime did not go on (%s -> %s)" % (ub, ua))
+    elif c == "vcpuset":
+        need(o.get("rc") == "0", "xl vcpu-set rc=%s" % o.get("rc"))
+        need(o.get("guest_saw") == "1", "the guest never reported a hot-added CPU")
+        need(o.get("cpu") == "cpu1" and o.get("online") == "1",
+             "cpu1 not brought online (cpu=%s online=%s)" % (o.get("cpu"), o.get("online")))
+        need(o.get("cpus") == "0-1", "online CPUs %s, not 0-1" % o.get("cpus"))
+    elif c == "s3":
+        need(o.get("rc") == "0", "xl trigger sleep rc=%s" % o.get("rc"))
+        need(o.get("entered") == "1", "the guest never started suspending (no HVMDM-S3-ENTER)")
+        need(o.get("failed") == "0", "the guest kernel refused to suspend (HVMDM-S3-FAILED)")
+        need(o.get("resume_rc") == "0", "xl trigger s3resume rc=%s" % o.get("resume_rc"))
+        need(o.get("resumed") == "1", "the guest did not come back from S3")
+        need(o.get("boot_before") not in (None, "none") and o.get("boot_after") == o.get("boot_before"),
+             "boot_id changed (%s -> %s): not the same boot" % (o.get("boot_before"), o.get("boot_after")))
+        nb, na = num(o.get("beat_before")), num(o.get("beat_after"))
+        need(nb is not None and na is not None and na > nb, "heartbeat did not go on (%s -> %s)" % (nb, na))
     elif c == "reboot":
         need(o.get("rc") == "0", "xl reboot rc=%s" % o.get("rc"))
         need(o.get("new_domid") not in (None, "none"), "no new domain after the reboot")
@@ -320,6 +340,7 @@ def check(path, report, info):
             ms.get("dm_rss_kb", "?"), res.get("wall", "?"), h.get("host_wall", "?"),
             ("; SeaBIOS: " + pcidev[0].strip()) if pcidev else ""))
     timing = {"pause": ["beat_interval_s", "pause_window_s", "resume_s"], "save": ["save_s", "size", "restore_s"],
+              "vcpuset": ["seen_s", "cpus"], "s3": ["resume_s"],
               "reboot": ["restart_s", "marker2_s"], "shutdown": ["path", "guest_saw", "gone_s", "dm_gone_s"],
               "destroy": ["fresh", "destroy_s", "dm_gone_s"], "dm": ["uid", "domid_restrict"]}
     t = ["%s %s" % (o, " ".join("%s=%s" % (k, ops[o].get(k, "?")) for k in timing[o]))

@@ -9,7 +9,7 @@
 # unpause -> HVMDM-DONE), SCENARIO_GONE_TIMEOUT (s, HVMDM-DONE -> domain gone), SCENARIO_CFG_EXTRA
 # (extra xl.cfg lines), SCENARIO_ON_REBOOT (xl.cfg on_reboot, default destroy), SCENARIO_OPS
 # (space list of xl operations run in order once HVMDM-DONE is seen, on the same guest: pause,
-# save, reboot, shutdown, destroy; needs the guest in heartbeat mode, hvmdm.beat=SECS). Each
+# save, vcpuset, s3, reboot, shutdown, destroy; needs the guest in heartbeat mode, hvmdm.beat=SECS). Each
 # operation prints one `LANEX-LOG <name> op <operation> key=value ...` line (judged by the
 # checker) and its xl output as stream xl-<operation>.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -222,6 +222,42 @@ op_reboot() {
     [ "$(count 'HVMDM-PV-REBOOT')" -gt "$r0" ] && guest=pv-reboot
     set -- $(lastbeat)
     op "reboot rc=$rc guest_saw=$guest new_domid=${nd:-none} restart_s=$restart_s old_dm_gone_s=$dmg marker2=$m2 marker2_s=$m2_s boot_before=$id0 boot_after=${3:-none}"
+}
+
+# `xl vcpu-set` to 2 (the guest has vcpus=1, maxvcpus=2 and hvmdm.cpuhp=1): the device model's
+# CPU bitmap + GPE tell the guest, which brings vCPU 1 up.
+op_vcpuset() {
+    beating
+    c0=$(count 'HVMDM-CPU-ONLINE ')
+    t=$(up)
+    xlop vcpuset 60 vcpu-set "$GUEST" 2; rc=$?
+    wait_for 120 more 'HVMDM-CPU-ONLINE ' "$c0" && seen=1 || seen=0
+    set -- $(grep -a 'HVMDM-CPU-ONLINE ' "$serial" | tail -n 1 | tr -d '\r' | sed 's/.*HVMDM-CPU-ONLINE //')
+    beating
+    op "vcpuset rc=$rc guest_saw=$seen cpu=${1:-none} online=${2:-none} cpus=${3:-none} seen_s=$(since "$t")"
+}
+
+# ACPI S3 round trip (hvmdm.slpbtn=1): `xl trigger sleep` presses the sleep button, the guest
+# suspends to RAM, `xl trigger s3resume` (QMP system_wakeup) wakes it, the same boot goes on.
+op_s3() {
+    beating
+    e0=$(count 'HVMDM-S3-ENTER ')
+    r0=$(count 'HVMDM-S3-RESUMED ')
+    set -- $(lastbeat)
+    n0=${1:-none} id0=${3:-none}
+    xlop sleep 60 trigger "$GUEST" sleep; rc=$?
+    wait_for 120 more 'HVMDM-S3-ENTER ' "$e0" && entered=1 || entered=0
+    # Let the guest finish suspending; the beat loop is blocked in the suspend meanwhile.
+    sleep 20
+    b0=$(nbeats)
+    t=$(up)
+    xlop s3resume 60 trigger "$GUEST" s3resume; wrc=$?
+    wait_for 240 more 'HVMDM-S3-RESUMED ' "$r0" && resumed=1 || resumed=0
+    resume_s=$(since "$t")
+    failed=$(count 'HVMDM-S3-FAILED ')
+    wait_for 60 more "$BEAT_RE" "$b0"
+    set -- $(lastbeat)
+    op "s3 rc=$rc entered=$entered resume_rc=$wrc resumed=$resumed failed=$failed resume_s=$resume_s beat_before=$n0 boot_before=$id0 beat_after=${1:-none} boot_after=${3:-none}"
 }
 
 op_shutdown() {
