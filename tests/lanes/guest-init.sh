@@ -21,6 +21,8 @@
 #                      add hvmdm.modules=button) and on a press print HVMDM-POWERBTN, poweroff -f.
 #   hvmdm.cpuhp=1      with hvmdm.beat: online every hot-added CPU (ACPI CPU hotplug, `xl vcpu-set`)
 #                      and print HVMDM-CPU-ONLINE <cpuN> <its online flag> <online CPU list>.
+#   hvmdm.nmireboot=1  with hvmdm.beat: on an NMI (`xl trigger nmi`) print HVMDM-NMI-REBOOT and
+#                      reboot -f (the kernel resets through the reset register / i8042).
 #   hvmdm.slpbtn=1     with hvmdm.beat: on an ACPI fixed sleep-button event (`xl trigger sleep`)
 #                      print HVMDM-S3-ENTER, suspend to RAM (echo mem > /sys/power/state), then
 #                      print HVMDM-S3-RESUMED (or HVMDM-S3-FAILED if the kernel refused).
@@ -47,6 +49,7 @@ BEAT=0
 POWERBTN=0
 CPUHP=0
 SLPBTN=0
+NMIREBOOT=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         hvmdm.check=*) CHECK=${arg#*=} ;;
@@ -60,6 +63,7 @@ for arg in $(cat /proc/cmdline); do
         hvmdm.powerbtn=*) POWERBTN=${arg#*=} ;;
         hvmdm.cpuhp=*) CPUHP=${arg#*=} ;;
         hvmdm.slpbtn=*) SLPBTN=${arg#*=} ;;
+        hvmdm.nmireboot=*) NMIREBOOT=${arg#*=} ;;
     esac
 done
 want() { case ",$CHECK,all," in *",$1,"*|*",all,"*) return 0 ;; esac; return 1; }
@@ -188,6 +192,8 @@ if [ "$BEAT" -gt 0 ] 2>/dev/null; then
     sb0=$(sbcount)
     [ "$SLPBTN" = 1 ] && out "HVMDM-SLPBTN-WATCH $(cat "$SB" 2>/dev/null || echo missing)"
     cpus_done=
+    nmis() { awk '$1 == "NMI:" { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; print s }' /proc/interrupts; }
+    nmi0=$(nmis)
     [ "$POWERBTN" = 1 ] && out "HVMDM-POWERBTN-WATCH $(cat "$PB" 2>/dev/null || echo missing)"
     # busybox poweroff/reboot without -f signal init (the PV control path runs them).
     trap 'out "HVMDM-PV-POWEROFF"; sync; poweroff -f' USR2
@@ -209,6 +215,11 @@ if [ "$BEAT" -gt 0 ] 2>/dev/null; then
                 [ "$(cat "$c/online")" = 1 ] || echo 1 > "$c/online" 2>/dev/null
                 out "HVMDM-CPU-ONLINE ${c##*/} $(cat "$c/online") $(cat /sys/devices/system/cpu/online)"
             done
+        fi
+        if [ "$NMIREBOOT" = 1 ] && [ "$(nmis)" != "$nmi0" ]; then
+            out "HVMDM-NMI-REBOOT $(nmis)"
+            sync
+            reboot -f
         fi
         if [ "$SLPBTN" = 1 ] && [ "$(sbcount)" != "$sb0" ]; then
             sb0=$(sbcount)

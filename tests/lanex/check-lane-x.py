@@ -33,6 +33,8 @@ HVMDM-BEAT <n> <uptime> <boot_id>):
                online, online list 0-1)
   s3           `xl trigger sleep` makes the guest suspend to RAM, `xl trigger s3resume` wakes it,
                and the same boot goes on (boot_id unchanged, heartbeats continue)
+  nmireboot    a guest-initiated reboot (`xl trigger nmi`, the guest runs `reboot -f`, which resets
+               through the device model): shutdown reason reboot, then as `reboot`
   shutdown     `xl shutdown -F` succeeds, the guest saw the request (PV control or ACPI power
                button), the domain and its device model go away, shutdown reason poweroff
   powerbtn     that shutdown went through the ACPI power button (no PV drivers in the guest)
@@ -48,7 +50,7 @@ import sys
 
 OUT = os.environ.get("LANEX_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
 DEFAULT_CHECKS = ["marker", "disk", "pci", "acpi-errors", "fwlog", "gone", "exit"]
-OP_CHECKS = ["pause", "save", "vcpuset", "s3", "reboot", "shutdown", "powerbtn", "destroy", "restricted", "dm-log"]
+OP_CHECKS = ["pause", "save", "vcpuset", "s3", "reboot", "nmireboot", "shutdown", "powerbtn", "destroy", "restricted", "dm-log"]
 ALL_CHECKS = DEFAULT_CHECKS + OP_CHECKS
 ORDER = ["ran", "create"] + ALL_CHECKS
 
@@ -126,8 +128,11 @@ def check_op(c, ops):
              "boot_id changed (%s -> %s): not the same boot" % (o.get("boot_before"), o.get("boot_after")))
         nb, na = num(o.get("beat_before")), num(o.get("beat_after"))
         need(nb is not None and na is not None and na > nb, "heartbeat did not go on (%s -> %s)" % (nb, na))
-    elif c == "reboot":
-        need(o.get("rc") == "0", "xl reboot rc=%s" % o.get("rc"))
+    elif c in ("reboot", "nmireboot"):
+        need(o.get("rc") == "0", "xl %s rc=%s" % ("reboot" if c == "reboot" else "trigger nmi", o.get("rc")))
+        if c == "nmireboot":
+            need(o.get("guest_saw") == "nmi-reboot", "the guest did not reboot on the NMI (saw %s)" % o.get("guest_saw"))
+            need(o.get("reason") == "1", "shutdown reason %s is not reboot (1)" % o.get("reason"))
         need(o.get("new_domid") not in (None, "none"), "no new domain after the reboot")
         need(num(o.get("old_dm_gone_s")) is not None, "old device model still running after the reboot")
         need(o.get("marker2") == "1", "second boot did not reach HVMDM-DONE")
@@ -341,7 +346,7 @@ def check(path, report, info):
             ("; SeaBIOS: " + pcidev[0].strip()) if pcidev else ""))
     timing = {"pause": ["beat_interval_s", "pause_window_s", "resume_s"], "save": ["save_s", "size", "restore_s"],
               "vcpuset": ["seen_s", "cpus"], "s3": ["resume_s"],
-              "reboot": ["restart_s", "marker2_s"], "shutdown": ["path", "guest_saw", "gone_s", "dm_gone_s"],
+              "reboot": ["restart_s", "marker2_s"], "nmireboot": ["restart_s", "marker2_s"], "shutdown": ["path", "guest_saw", "gone_s", "dm_gone_s"],
               "destroy": ["fresh", "destroy_s", "dm_gone_s"], "dm": ["uid", "domid_restrict"]}
     t = ["%s %s" % (o, " ".join("%s=%s" % (k, ops[o].get(k, "?")) for k in timing[o]))
          for o in timing if o in ops]

@@ -9,7 +9,7 @@
 # unpause -> HVMDM-DONE), SCENARIO_GONE_TIMEOUT (s, HVMDM-DONE -> domain gone), SCENARIO_CFG_EXTRA
 # (extra xl.cfg lines), SCENARIO_ON_REBOOT (xl.cfg on_reboot, default destroy), SCENARIO_OPS
 # (space list of xl operations run in order once HVMDM-DONE is seen, on the same guest: pause,
-# save, vcpuset, s3, reboot, shutdown, destroy; needs the guest in heartbeat mode, hvmdm.beat=SECS). Each
+# save, vcpuset, s3, reboot, nmireboot, shutdown, destroy; needs the guest in heartbeat mode, hvmdm.beat=SECS). Each
 # operation prints one `LANEX-LOG <name> op <operation> key=value ...` line (judged by the
 # checker) and its xl output as stream xl-<operation>.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -193,17 +193,23 @@ op_save() {
 }
 
 newdom() { nd=$(timeout 20 "$XL" domid "$GUEST" 2>/dev/null) && [ -n "$nd" ] && [ "$nd" != "$olddom" ]; }
-op_reboot() {
+# reboot_via OP XL-ARGS...: ask for a reboot with `xl XL-ARGS`; xl's monitor process then builds
+# a new domain (on_reboot="restart") whose boot must reach HVMDM-DONE again.
+reboot_via() {
+    opname=$1
+    shift
     beating
+    xlargs="$*"
     set -- $(lastbeat)
     id0=${3:-none}
     d0=$(count 'HVMDM-DONE')
     r0=$(count 'HVMDM-PV-REBOOT')
+    n0=$(count 'HVMDM-NMI-REBOOT')
     olddom=$domid olddm=$dmpid
     t=$(up)
-    xlop reboot 60 reboot "$GUEST"; rc=$?
+    # shellcheck disable=SC2086 # xlargs is a word list
+    xlop "$opname" 60 $xlargs; rc=$?
     nd= restart_s=none dmg=none m2=0 m2_s=none
-    # xl's monitor process destroys the domain and builds a new one (on_reboot="restart").
     if wait_for 180 newdom; then
         domid=$nd
         restart_s=$(since "$t")
@@ -220,9 +226,17 @@ op_reboot() {
     fi
     guest=none
     [ "$(count 'HVMDM-PV-REBOOT')" -gt "$r0" ] && guest=pv-reboot
+    [ "$(count 'HVMDM-NMI-REBOOT')" -gt "$n0" ] && guest=nmi-reboot
+    reason=$(grep -a 'has shut down, reason code' "/var/log/xen/xl-$GUEST.log" 2>/dev/null | tail -n 1 |
+             sed -n 's/.*reason code \([0-9]*\).*/\1/p')
     set -- $(lastbeat)
-    op "reboot rc=$rc guest_saw=$guest new_domid=${nd:-none} restart_s=$restart_s old_dm_gone_s=$dmg marker2=$m2 marker2_s=$m2_s boot_before=$id0 boot_after=${3:-none}"
+    op "$opname rc=$rc guest_saw=$guest reason=${reason:-none} new_domid=${nd:-none} restart_s=$restart_s old_dm_gone_s=$dmg marker2=$m2 marker2_s=$m2_s boot_before=$id0 boot_after=${3:-none}"
 }
+# `xl reboot`: through the guest's PV control node (PV drivers needed).
+op_reboot() { reboot_via reboot reboot "$GUEST"; }
+# A guest-initiated reboot (hvmdm.nmireboot=1: an NMI makes the guest run `reboot -f`, which
+# resets through the device model: ACPI reset register 0xCF9 or the keyboard controller).
+op_nmireboot() { reboot_via nmireboot trigger "$GUEST" nmi; }
 
 # `xl vcpu-set` to 2 (the guest has vcpus=1, maxvcpus=2 and hvmdm.cpuhp=1): the device model's
 # CPU bitmap + GPE tell the guest, which brings vCPU 1 up.

@@ -2,7 +2,8 @@
 # yet, so the guest has no PV drivers: `xl shutdown -F` presses the ACPI power button (Xen raises
 # it; the guest's button driver powers off through hvmdm's PM1a_CNT), checked by `powerbtn`.
 # No `xl reboot`: without PV drivers xl cannot ask the guest to reboot (qemu-xen-ops covers it with
-# the platform device; a guest-initiated reboot through hvmdm's 0xCF9 under Xen is not tested yet).
+# the platform device; Xen has no reset trigger for `xl reboot -F`). Instead `xl trigger nmi` makes
+# the guest run `reboot -f` (nmireboot), which resets through hvmdm: a new domain and hvmdm boot.
 # With maxvcpus=2, `xl vcpu-set 2` hot-adds vCPU 1 through hvmdm's QMP device_add, CPU bitmap and
 # GPE (vcpuset), and an ACPI S3 round trip (`xl trigger sleep` / `s3resume`, s3) precedes the
 # save. qemu-xen-acpi is the same guest and operations with qemu-xen.
@@ -14,10 +15,10 @@ SCENARIO_HDTYPE=ide
 SCENARIO_PCI="8086:1237 8086:7000 8086:7010"
 SCENARIO_MEMORY=128
 SCENARIO_GUEST_TIMEOUT=600
-SCENARIO_GUEST_APPEND="nopv hvmdm.beat=1 hvmdm.powerbtn=1 hvmdm.cpuhp=1 hvmdm.slpbtn=1"
+SCENARIO_GUEST_APPEND="nopv hvmdm.beat=1 hvmdm.powerbtn=1 hvmdm.cpuhp=1 hvmdm.slpbtn=1 hvmdm.nmireboot=1"
 SCENARIO_CFG_EXTRA="maxvcpus=2"
 SCENARIO_GUEST_MODULES=button
 SCENARIO_ON_REBOOT=restart
-SCENARIO_OPS="pause vcpuset s3 save shutdown destroy"
-SCENARIO_CHECKS="marker disk pci acpi-errors fwlog pause vcpuset s3 save shutdown powerbtn destroy dm-log gone exit"
+SCENARIO_OPS="pause vcpuset s3 save nmireboot shutdown destroy"
+SCENARIO_CHECKS="marker disk pci acpi-errors fwlog pause vcpuset s3 save nmireboot shutdown powerbtn destroy dm-log gone exit"
 SCENARIO_TIMEOUT=1800
