@@ -57,7 +57,10 @@ pub fn open_image(
     Ok(match format {
         ImageFormat::Raw => {
             if super::qcow2::has_qcow2_magic(path) {
-                log::info!("{}: has the qcow2 magic but is opened as format=raw", path.display());
+                log::warn!(
+                    "{}: has the qcow2 magic but is opened as raw (pass format=qcow2?)",
+                    path.display()
+                );
             }
             Arc::new(RawFile::open(path, read_only)?)
         }
@@ -79,6 +82,25 @@ pub trait BlockBackend: Send + Sync {
         self.len() == 0
     }
     fn is_read_only(&self) -> bool;
+}
+
+/// A shared image is an image (so an `Arc` from [`open_image`] fits APIs taking a `Box`).
+impl<T: BlockBackend + ?Sized> BlockBackend for Arc<T> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        (**self).write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        (**self).flush()
+    }
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
 }
 
 pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> Result<(), BlockError> {
