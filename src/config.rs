@@ -51,6 +51,8 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub interface: DiskInterface,
     pub readonly: bool,
+    /// Image format, always explicit (`format=`, default raw): never probed.
+    pub format: hvmdm_devices::storage::ImageFormat,
     /// IDE position 0..=3 (primary master, primary slave, secondary master, secondary slave);
     /// None = the next free one in order.
     pub index: Option<u8>,
@@ -117,12 +119,13 @@ pub fn check_smp(n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-/// `file=PATH[,if=ide][,readonly=on|off][,format=raw][,media=disk]`.
+/// `file=PATH[,if=ide][,readonly=on|off][,format=raw|qcow2][,media=disk]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadDisk(s.to_string(), why.to_string());
     let mut path = None;
     let mut interface = DiskInterface::Ide;
     let mut readonly = false;
+    let mut format = hvmdm_devices::storage::ImageFormat::Raw;
     for part in s.split(',') {
         let (k, v) = part.split_once('=').ok_or_else(|| bad("expected key=value"))?;
         match k {
@@ -138,8 +141,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
                     _ => return Err(bad("readonly must be on or off")),
                 }
             }
-            "format" if v == "raw" => {}
-            "format" => return Err(bad(&format!("format {v} is not supported yet (only raw)"))),
+            "format" => format = v.parse().map_err(|e: String| bad(&e))?,
             "media" if v == "disk" => {}
             "media" => return Err(bad(&format!("media {v} is not supported yet (only disk)"))),
             other => return Err(bad(&format!("unknown key {other}"))),
@@ -149,7 +151,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     if !path.is_file() {
         return Err(ConfigError::Missing { what: "disk image", path, hint: String::new() });
     }
-    Ok(DiskConfig { path, interface, readonly, index: None, id: None })
+    Ok(DiskConfig { path, interface, readonly, format, index: None, id: None })
 }
 
 pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
@@ -219,6 +221,11 @@ mod tests {
         assert!(e.contains("scsi"), "{e}");
         let d = parse_disk("file=/etc/hostname,if=ide,readonly=on").unwrap();
         assert!(d.readonly);
+        assert_eq!(d.format, hvmdm_devices::storage::ImageFormat::Raw);
+        let d = parse_disk("file=/etc/hostname,format=qcow2").unwrap();
+        assert_eq!(d.format, hvmdm_devices::storage::ImageFormat::Qcow2);
+        let e = parse_disk("file=/etc/hostname,format=vmdk").unwrap_err().to_string();
+        assert!(e.contains("vmdk"), "{e}");
         assert_eq!(parse_serial("file:/tmp/x").unwrap(), SerialConfig::File("/tmp/x".into()));
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());

@@ -21,7 +21,7 @@ use hvmdm_devices::pci::{
 use hvmdm_devices::platform::{PlatformControl, ShadowControl};
 use hvmdm_devices::serial::Serial;
 use hvmdm_devices::snapshot::{self, DeviceEntry, SnapshotError};
-use hvmdm_devices::storage::{self, DriveKind, IdeController, RawFile};
+use hvmdm_devices::storage::{self, DriveKind, IdeController};
 use hvmdm_devices::topology::Topology;
 use thiserror::Error;
 
@@ -210,7 +210,7 @@ impl Machine {
         let ide = Arc::new(Mutex::new(IdeController::new(env.mem.clone(), isa(14), isa(15))));
         IdeController::register_legacy(&ide, &pio)?;
         for (i, d) in cfg.disks.iter().enumerate() {
-            let img = RawFile::open(&d.path, d.readonly)
+            let img = storage::open_image(&d.path, d.format, d.readonly)
                 .map_err(|err| MachineError::Disk { path: d.path.display().to_string(), err })?;
             let pos = d.index.map_or(i, usize::from);
             let mut c = ide.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what hvmdm's tests need on a fresh Debian bookworm machine (root). Idempotent.
 set -euo pipefail
-pkgs=(qemu-system-x86 qemu-system-data seabios ovmf busybox-static cpio acpica-tools zstd xz-utils kmod
+pkgs=(qemu-system-x86 qemu-system-data qemu-utils seabios ovmf busybox-static cpio acpica-tools zstd xz-utils kmod
       libxen-dev xen-utils-4.17 xenstore-utils)
 missing=()
 for p in "${pkgs[@]}"; do

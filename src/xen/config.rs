@@ -6,6 +6,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use hvmdm_devices::storage::ImageFormat;
 use hvmdm_toolstack::argv::{
     self, ChardevBackend, DiskInterface as ArgDiskIf, DmArgs, Media, QmpSocket, RunAs, Serial, Vnc,
 };
@@ -123,15 +124,16 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
         let Some(path) = d.path.clone() else {
             return Err(unsupported(format!("-drive #{n}"), "a disk needs file="));
         };
-        match d.format {
-            None | Some(argv::DiskFormat::Raw) => {}
+        let format = match d.format {
+            None | Some(argv::DiskFormat::Raw) => ImageFormat::Raw,
+            Some(argv::DiskFormat::Qcow2) => ImageFormat::Qcow2,
             Some(f) => {
                 return Err(unsupported(
                     format!("-drive format={}", format!("{f:?}").to_lowercase()),
-                    "only raw images are supported yet",
+                    "only raw and qcow2 images are supported",
                 ))
             }
-        }
+        };
         if index > 3 {
             return Err(unsupported(format!("-drive index={index}"), "IDE has indexes 0..3"));
         }
@@ -140,6 +142,7 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
             path,
             interface: DiskInterface::Ide,
             readonly: d.readonly,
+            format,
             index: Some(index),
             id: d.id.clone(),
         });
@@ -295,11 +298,14 @@ mod tests {
             matches!(e, Err(XenConfigError::Unsupported { ref option, .. }) if option.contains("ahci")),
             "{e:?}"
         );
-        let e = parse("-xen-domid 1 -m 512 -drive file=/x.qcow2,if=ide,index=0,media=disk,format=qcow2");
+        let e = parse("-xen-domid 1 -m 512 -drive file=/x.vhdx,if=ide,index=0,media=disk,format=vhdx");
         assert!(
-            matches!(e, Err(XenConfigError::Unsupported { ref option, .. }) if option.contains("qcow2")),
+            matches!(e, Err(XenConfigError::Unsupported { ref option, .. }) if option.contains("vhdx")),
             "{e:?}"
         );
+        let (cfg, _) =
+            parse("-xen-domid 1 -m 512 -drive file=/x.qcow2,if=ide,index=0,media=disk,format=qcow2").unwrap();
+        assert_eq!(cfg.disks[0].format, ImageFormat::Qcow2);
         assert_eq!(parse("-m 512").err(), Some(XenConfigError::NoDomid));
         assert_eq!(parse("-xen-domid 3").err(), Some(XenConfigError::NoMemory));
         let e = parse("-xen-domid 1 -m 512 -drive if=none,readonly=on,id=ide-5632,file=/i.iso,format=raw -device ide-cd,id=ide-5632,drive=ide-5632,bus=ide.1,unit=0");

@@ -50,6 +50,7 @@ pub mod cmd {
     pub const WRITE_SECTORS_EXT: u8 = 0x34;
     pub const WRITE_DMA_EXT: u8 = 0x35;
     pub const WRITE_MULTIPLE_EXT: u8 = 0x39;
+    pub const WRITE_DMA_FUA_EXT: u8 = 0x3D;
     pub const READ_VERIFY: u8 = 0x40;
     pub const READ_VERIFY_NORETRY: u8 = 0x41;
     pub const READ_VERIFY_EXT: u8 = 0x42;
@@ -65,6 +66,7 @@ pub mod cmd {
     pub const READ_DMA_NORETRY: u8 = 0xC9;
     pub const WRITE_DMA: u8 = 0xCA;
     pub const WRITE_DMA_NORETRY: u8 = 0xCB;
+    pub const WRITE_MULTIPLE_FUA_EXT: u8 = 0xCE;
     pub const STANDBY_IMMEDIATE: u8 = 0xE0;
     pub const IDLE_IMMEDIATE: u8 = 0xE1;
     pub const STANDBY: u8 = 0xE2;
@@ -270,6 +272,8 @@ pub struct AtaDisk {
     multiple: u8,
     write_cache: bool,
     mode: XferMode,
+    /// The current command is a FUA write: each of its writes is durable before it completes.
+    fua: bool,
 }
 
 impl std::fmt::Debug for AtaDisk {
@@ -309,6 +313,7 @@ impl AtaDisk {
             multiple: MAX_MULTIPLE,
             write_cache,
             mode: XferMode::Udma(5),
+            fua: false,
         }
     }
 
@@ -318,6 +323,7 @@ impl AtaDisk {
         self.multiple = MAX_MULTIPLE;
         self.write_cache = self.config.write_cache;
         self.mode = XferMode::Udma(5);
+        self.fua = false;
     }
 
     pub fn backend(&self) -> &Arc<dyn BlockBackend> {
@@ -377,10 +383,10 @@ impl AtaDisk {
         id[80] = 0xf0; // ATA/ATAPI-4 .. ATA/ATAPI-7
         id[82] = (1 << 14) | (1 << 5); // NOP, write cache
         id[83] = (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10); // FLUSH EXT, FLUSH, LBA48
-        id[84] = 1 << 14;
+        id[84] = (1 << 14) | (1 << 6); // WRITE DMA/MULTIPLE FUA EXT
         id[85] = (1 << 14) | if self.write_cache { 1 << 5 } else { 0 };
         id[86] = (1 << 13) | (1 << 12) | (1 << 10);
-        id[87] = 1 << 14;
+        id[87] = (1 << 14) | (1 << 6);
         id[88] = 0x3f; // UDMA 0-5
         match self.mode {
             XferMode::Pio => {}
@@ -479,23 +485,30 @@ impl AtaDisk {
     pub fn execute(&mut self, tf: &mut Taskfile) -> Result<AtaAction, AtaError> {
         use cmd::*;
         let multiple = u32::from(self.multiple);
+        self.fua = matches!(tf.command, WRITE_DMA_FUA_EXT | WRITE_MULTIPLE_FUA_EXT);
         match tf.command {
             IDENTIFY_DEVICE => Ok(AtaAction::DataIn(self.identify().to_vec())),
             READ_SECTORS | READ_SECTORS_NORETRY => self.xfer(tf, false, false, false, 1),
             READ_SECTORS_EXT => self.xfer(tf, true, false, false, 1),
             WRITE_SECTORS | WRITE_SECTORS_NORETRY => self.xfer(tf, false, true, false, 1),
             WRITE_SECTORS_EXT => self.xfer(tf, true, true, false, 1),
-            READ_MULTIPLE | READ_MULTIPLE_EXT | WRITE_MULTIPLE | WRITE_MULTIPLE_EXT if multiple == 0 => {
+            READ_MULTIPLE
+            | READ_MULTIPLE_EXT
+            | WRITE_MULTIPLE
+            | WRITE_MULTIPLE_EXT
+            | WRITE_MULTIPLE_FUA_EXT
+                if multiple == 0 =>
+            {
                 Err(AtaError::Abort)
             }
             READ_MULTIPLE => self.xfer(tf, false, false, false, multiple),
             READ_MULTIPLE_EXT => self.xfer(tf, true, false, false, multiple),
             WRITE_MULTIPLE => self.xfer(tf, false, true, false, multiple),
-            WRITE_MULTIPLE_EXT => self.xfer(tf, true, true, false, multiple),
+            WRITE_MULTIPLE_EXT | WRITE_MULTIPLE_FUA_EXT => self.xfer(tf, true, true, false, multiple),
             READ_DMA | READ_DMA_NORETRY => self.xfer(tf, false, false, true, 0),
             READ_DMA_EXT => self.xfer(tf, true, false, true, 0),
             WRITE_DMA | WRITE_DMA_NORETRY => self.xfer(tf, false, true, true, 0),
-            WRITE_DMA_EXT => self.xfer(tf, true, true, true, 0),
+            WRITE_DMA_EXT | WRITE_DMA_FUA_EXT => self.xfer(tf, true, true, true, 0),
             READ_VERIFY | READ_VERIFY_NORETRY | READ_VERIFY_EXT => {
                 let ext = tf.command == READ_VERIFY_EXT;
                 let count = tf.sector_count(ext);
@@ -588,24 +601,30 @@ impl AtaDisk {
         let n = (buf.len() / SECTOR_SIZE) as u32;
         self.check_range(lba, n)?;
         self.backend.read_at(lba * SECTOR_SIZE as u64, buf).map_err(|e| {
-            warn_limited!(format!("ata-read-err-{lba}"), "ata: image read failed: {e}");
+            warn_limited!("ata-read-err", "ata: image read at sector {lba} failed: {e}");
             AtaError::Abort
         })
     }
 
-    /// Writes whole sectors at `lba`; with the write cache disabled the write is made durable
-    /// before it completes.
+    /// Writes whole sectors at `lba` for the current command; with the write cache disabled or
+    /// a FUA command the write is made durable before it completes.
     pub fn write_sectors(&self, lba: u64, buf: &[u8]) -> Result<(), AtaError> {
+        self.write_sectors_fua(lba, buf, self.fua)
+    }
+
+    /// [`Self::write_sectors`] with the FUA bit given by the transport (NCQ carries it per
+    /// command). Host errors (EIO, ENOSPC) are logged and become ABRT, as on QEMU.
+    pub fn write_sectors_fua(&self, lba: u64, buf: &[u8], fua: bool) -> Result<(), AtaError> {
         let n = (buf.len() / SECTOR_SIZE) as u32;
         self.check_range(lba, n)?;
         if self.is_read_only() {
             return Err(AtaError::Abort);
         }
         self.backend.write_at(lba * SECTOR_SIZE as u64, buf).map_err(|e| {
-            warn_limited!(format!("ata-write-err-{lba}"), "ata: image write failed: {e}");
+            warn_limited!("ata-write-err", "ata: image write at sector {lba} failed: {e}");
             AtaError::Abort
         })?;
-        if !self.write_cache {
+        if !self.write_cache || fua {
             self.flush()?;
         }
         Ok(())
@@ -682,6 +701,9 @@ impl AtaDisk {
         self.multiple = st.multiple;
         self.write_cache = st.write_cache;
         self.mode = st.mode;
+        // Whether an in-flight write was FUA is not saved: treat it as FUA (an extra flush,
+        // never a lost durability guarantee).
+        self.fua = true;
     }
 
     /// Whether `count` sectors from `lba` lie on the disk.
@@ -846,6 +868,43 @@ mod tests {
         assert_eq!(d.write_sectors(0, &[0; 512]), Err(AtaError::Abort));
         let mut fl = Taskfile { command: cmd::FLUSH_CACHE, ..Default::default() };
         assert_eq!(d.execute(&mut fl), Ok(AtaAction::Complete));
+    }
+
+    #[test]
+    fn fua_writes_flush_before_completing() {
+        let (mut d, img) = disk(64);
+        let id = d.identify();
+        assert_eq!((word(&id, 84) & (1 << 6), word(&id, 87) & (1 << 6)), (1 << 6, 1 << 6));
+        let mut tf = Taskfile { command: cmd::WRITE_DMA_FUA_EXT, count: 2, lba_low: 3, ..Default::default() };
+        let Ok(AtaAction::Transfer(x)) = d.execute(&mut tf) else { panic!() };
+        assert_eq!((x.lba, x.count, x.write, x.dma, x.ext), (3, 2, true, true, true));
+        d.write_sectors(x.lba, &[7; 1024]).unwrap();
+        assert_eq!(img.flush_count(), 1);
+        assert_eq!(img.contents()[3 * 512], 7);
+        tf.command = cmd::WRITE_MULTIPLE_FUA_EXT;
+        let Ok(AtaAction::Transfer(x)) = d.execute(&mut tf) else { panic!() };
+        assert_eq!((x.dma, x.block, x.ext), (false, u32::from(MAX_MULTIPLE), true));
+        d.write_sectors(x.lba, &[8; 512]).unwrap();
+        assert_eq!(img.flush_count(), 2);
+        // A plain write with the cache on does not flush; the NCQ-style entry point takes the bit.
+        tf.command = cmd::WRITE_DMA_EXT;
+        d.execute(&mut tf).unwrap();
+        d.write_sectors(3, &[9; 512]).unwrap();
+        assert_eq!(img.flush_count(), 2);
+        d.write_sectors_fua(3, &[9; 512], true).unwrap();
+        assert_eq!(img.flush_count(), 3);
+        // Out of range, read-only and multiple-mode-off cases.
+        tf.command = cmd::WRITE_DMA_FUA_EXT;
+        d.set_address(&mut tf, 63, true);
+        assert_eq!(d.execute(&mut tf), Err(AtaError::IdNotFound));
+        let mut sm = Taskfile { command: cmd::SET_MULTIPLE_MODE, count: 0, ..Default::default() };
+        d.execute(&mut sm).unwrap();
+        tf.command = cmd::WRITE_MULTIPLE_FUA_EXT;
+        d.set_address(&mut tf, 0, true);
+        assert_eq!(d.execute(&mut tf), Err(AtaError::Abort));
+        let mut ro = AtaDisk::new(Arc::new(MemImage::new(vec![0; 4096], true)), DiskConfig::default());
+        tf.command = cmd::WRITE_DMA_FUA_EXT;
+        assert_eq!(ro.execute(&mut tf), Err(AtaError::Abort));
     }
 
     #[test]

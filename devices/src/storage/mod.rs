@@ -1,6 +1,8 @@
 //! Storage controllers and disk images.
 //!
-//! - [`image`]: the [`image::BlockBackend`] trait and raw-file / in-memory images.
+//! - [`image`]: the [`image::BlockBackend`] trait, raw-file / in-memory images and
+//!   [`image::open_image`].
+//! - [`qcow2`]: qcow2 images (v2/v3, backing chains) on the `imago` crate.
 //! - [`ata`]: the transport-independent ATA command layer (IDENTIFY, command decoding, sector I/O),
 //!   shared by IDE now and AHCI later.
 //! - [`bmdma`]: SFF-8038i bus-master DMA (PRD walker, step-wise DMA engine).
@@ -10,7 +12,8 @@ pub mod ata;
 pub mod bmdma;
 pub mod ide;
 pub mod image;
+pub mod qcow2;
 
 pub use ata::{DiskConfig, DriveKind};
 pub use ide::{IdeController, IdeError};
-pub use image::{BlockBackend, BlockError, MemImage, RawFile};
+pub use image::{open_image, BlockBackend, BlockError, ImageFormat, MemImage, RawFile};
