@@ -3,14 +3,17 @@
 //! - [`image`]: the [`image::BlockBackend`] trait and raw-file / in-memory images.
 //! - [`ata`]: the transport-independent ATA command layer (IDENTIFY, command decoding, sector I/O),
 //!   shared by IDE now and AHCI later.
+//! - [`atapi`]: the transport-independent ATAPI CD/DVD-ROM (SCSI/MMC) command layer.
 //! - [`bmdma`]: SFF-8038i bus-master DMA (PRD walker, step-wise DMA engine).
 //! - [`ide`]: the PIIX3 IDE controller (legacy task-file ports + bus-master block).
 
 pub mod ata;
+pub mod atapi;
 pub mod bmdma;
 pub mod ide;
 pub mod image;
 
 pub use ata::{DiskConfig, DriveKind};
+pub use atapi::{AtapiAction, AtapiDrive, AtapiError, CdConfig};
 pub use ide::{IdeController, IdeError};
 pub use image::{BlockBackend, BlockError, MemImage, RawFile};
