@@ -26,6 +26,14 @@
 //!   their signature (count 1, LBA 1, mid/high 00/00 for ATA, 14/EB for ATAPI), error 01h, status
 //!   DRDY|DSC, and device 0 is selected. No interrupt (ATA spec; libata polls).
 //!
+//! ATAPI CD-ROM drives ([`IdeController::attach_cdrom`]) speak the PACKET protocol: after PACKET
+//! (feature bit 0 = DMA, byte count limit in LBA mid/high) the drive asks for the 12-byte command
+//! packet with DRQ and interrupt reason CoD (no interrupt); data comes in DRQ blocks no longer than
+//! the limit (reason IO, size in LBA mid/high, an interrupt each) or through the bus master; the
+//! end is reason CoD|IO with DRDY, or ERR with the sense key in the error register. The SCSI/MMC
+//! side is [`super::atapi::AtapiDrive`]; media change through [`IdeController::insert_media`] /
+//! [`IdeController::eject_media`].
+//!
 //! Disk I/O is synchronous in this version: PIO blocks are read/written in the data-register
 //! access that needs them and a DMA command runs to completion inside the bus-master start write
 //! (or the command write, if the engine was started first). The DMA work goes through
