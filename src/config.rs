@@ -46,8 +46,17 @@ pub enum DiskInterface {
     Ide,
 }
 
+/// What the guest sees in a drive slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskMedia {
+    Disk,
+    /// An ATAPI CD-ROM drive (read-only medium; `path` empty = no medium).
+    Cdrom,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
+    /// The image; empty for a CD-ROM drive without a medium (see [`DiskConfig::has_medium`]).
     pub path: PathBuf,
     pub interface: DiskInterface,
     pub readonly: bool,
@@ -58,6 +67,17 @@ pub struct DiskConfig {
     pub index: Option<u8>,
     /// The id QMP names the drive by (`ide0-hd0` style when none was given).
     pub id: Option<String>,
+    pub media: DiskMedia,
+}
+
+impl DiskConfig {
+    pub fn is_cdrom(&self) -> bool {
+        self.media == DiskMedia::Cdrom
+    }
+    /// False only for an empty CD-ROM drive.
+    pub fn has_medium(&self) -> bool {
+        !self.path.as_os_str().is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,13 +139,15 @@ pub fn check_smp(n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-/// `file=PATH[,if=ide][,readonly=on|off][,format=raw|qcow2][,media=disk]`.
+/// `file=PATH[,if=ide][,readonly=on|off][,format=raw|qcow2][,media=disk|cdrom]`; a CD-ROM drive
+/// (`if=ide` only) may leave out `file=` to start empty, and is always read-only.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadDisk(s.to_string(), why.to_string());
     let mut path = None;
     let mut interface = DiskInterface::Ide;
     let mut readonly = false;
     let mut format = hvmdm_devices::storage::ImageFormat::Raw;
+    let mut media = DiskMedia::Disk;
     for part in s.split(',') {
         let (k, v) = part.split_once('=').ok_or_else(|| bad("expected key=value"))?;
         match k {
@@ -142,16 +164,39 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
                 }
             }
             "format" => format = v.parse().map_err(|e: String| bad(&e))?,
-            "media" if v == "disk" => {}
-            "media" => return Err(bad(&format!("media {v} is not supported yet (only disk)"))),
+            "media" => {
+                media = match v {
+                    "disk" => DiskMedia::Disk,
+                    "cdrom" => DiskMedia::Cdrom,
+                    _ => return Err(bad(&format!("media {v}: expected disk or cdrom"))),
+                }
+            }
             other => return Err(bad(&format!("unknown key {other}"))),
+        }
+    }
+    if media == DiskMedia::Cdrom {
+        if interface != DiskInterface::Ide {
+            return Err(bad("CD-ROM drives are IDE only (if=ide)"));
+        }
+        readonly = true;
+        if path.is_none() {
+            return Ok(DiskConfig {
+                path: PathBuf::new(),
+                format,
+                interface,
+                readonly,
+                index: None,
+                id: None,
+                media,
+            });
         }
     }
     let path = path.ok_or_else(|| bad("file= is required"))?;
     if !path.is_file() {
-        return Err(ConfigError::Missing { what: "disk image", path, hint: String::new() });
+        let what = if media == DiskMedia::Cdrom { "CD-ROM image" } else { "disk image" };
+        return Err(ConfigError::Missing { what, path, hint: String::new() });
     }
-    Ok(DiskConfig { path, interface, readonly, format, index: None, id: None })
+    Ok(DiskConfig { path, interface, readonly, format, index: None, id: None, media })
 }
 
 pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
@@ -226,6 +271,15 @@ mod tests {
         assert_eq!(d.format, hvmdm_devices::storage::ImageFormat::Qcow2);
         let e = parse_disk("file=/etc/hostname,format=vmdk").unwrap_err().to_string();
         assert!(e.contains("vmdk"), "{e}");
+        assert!(!d.is_cdrom());
+        let cd = parse_disk("file=/etc/hostname,if=ide,media=cdrom").unwrap();
+        assert!(cd.is_cdrom() && cd.readonly && cd.has_medium());
+        let empty = parse_disk("media=cdrom").unwrap();
+        assert!(empty.is_cdrom() && !empty.has_medium());
+        assert!(parse_disk("media=floppy").is_err());
+        assert!(parse_disk("if=ide,media=disk").is_err());
+        let e = parse_disk("file=/nonexistent/x.iso,media=cdrom").unwrap_err().to_string();
+        assert!(e.contains("CD-ROM image"), "{e}");
         assert_eq!(parse_serial("file:/tmp/x").unwrap(), SerialConfig::File("/tmp/x".into()));
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());

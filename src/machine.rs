@@ -210,11 +210,20 @@ impl Machine {
         let ide = Arc::new(Mutex::new(IdeController::new(env.mem.clone(), isa(14), isa(15))));
         IdeController::register_legacy(&ide, &pio)?;
         for (i, d) in cfg.disks.iter().enumerate() {
-            let img = storage::open_image(&d.path, d.format, d.readonly)
-                .map_err(|err| MachineError::Disk { path: d.path.display().to_string(), err })?;
             let pos = d.index.map_or(i, usize::from);
+            let open = |ro| {
+                storage::open_image(&d.path, d.format, ro)
+                    .map_err(|err| MachineError::Disk { path: d.path.display().to_string(), err })
+            };
             let mut c = ide.lock().unwrap_or_else(|p| p.into_inner());
-            c.attach(pos / 2, pos % 2, Box::new(img), DriveKind::Disk)?;
+            if d.is_cdrom() {
+                // A CD medium is read-only whatever the configuration says; no medium = empty drive.
+                let media = if d.has_medium() { Some(open(true)?) } else { None };
+                let cd = storage::CdConfig { serial: format!("HV{:05}", pos + 1), ..Default::default() };
+                c.attach_cdrom(pos / 2, pos % 2, media, cd)?;
+            } else {
+                c.attach(pos / 2, pos % 2, Box::new(open(d.readonly)?), DriveKind::Disk)?;
+            }
         }
 
         // PCI.
@@ -432,6 +441,11 @@ impl Machine {
 
     pub fn max_cpus(&self) -> u32 {
         self.max_cpus
+    }
+
+    /// The IDE controller (QMP changes CD-ROM media through it).
+    pub fn ide(&self) -> &Arc<Mutex<IdeController>> {
+        &self.ide
     }
 
     /// Every device with state, in a fixed order, under its section name.

@@ -12,7 +12,7 @@ use hvmdm_toolstack::argv::{
 };
 use thiserror::Error;
 
-use crate::config::{DiskConfig, DiskInterface, FirmwareConfig, MachineConfig, SerialConfig};
+use crate::config::{DiskConfig, DiskInterface, DiskMedia, FirmwareConfig, MachineConfig, SerialConfig};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum XenConfigError {
@@ -107,22 +107,12 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
                 return Err(unsupported("SCSI disk (-device lsi53c895a)", "SCSI is not implemented"))
             }
         };
-        if d.media == Media::Cdrom {
-            match &d.path {
-                None => {
-                    notes.push(format!("empty CD-ROM drive at IDE index {index} left out (no ATAPI yet)"));
-                    continue;
-                }
-                Some(p) => {
-                    return Err(unsupported(
-                        format!("CD-ROM {}", p.display()),
-                        "ATAPI CD-ROM drives are not implemented yet (issue 4)",
-                    ))
-                }
-            }
-        }
-        let Some(path) = d.path.clone() else {
-            return Err(unsupported(format!("-drive #{n}"), "a disk needs file="));
+        let cdrom = d.media == Media::Cdrom;
+        // libxl's CD-ROM drives come with or without `file=` (an empty drive); disks need one.
+        let path = match (&d.path, cdrom) {
+            (Some(p), _) => p.clone(),
+            (None, true) => PathBuf::new(),
+            (None, false) => return Err(unsupported(format!("-drive #{n}"), "a disk needs file=")),
         };
         let format = match d.format {
             None | Some(argv::DiskFormat::Raw) => ImageFormat::Raw,
@@ -137,14 +127,16 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
         if index > 3 {
             return Err(unsupported(format!("-drive index={index}"), "IDE has indexes 0..3"));
         }
-        drive_ids.push(d.id.clone().unwrap_or_else(|| format!("ide{}-hd{}", index / 2, index % 2)));
+        let kind = if cdrom { "cd" } else { "hd" };
+        drive_ids.push(d.id.clone().unwrap_or_else(|| format!("ide{}-{kind}{}", index / 2, index % 2)));
         disks.push(DiskConfig {
             path,
             interface: DiskInterface::Ide,
-            readonly: d.readonly,
+            readonly: d.readonly || cdrom,
             format,
             index: Some(index),
             id: d.id.clone(),
+            media: if cdrom { DiskMedia::Cdrom } else { DiskMedia::Disk },
         });
     }
 
@@ -308,11 +300,27 @@ mod tests {
         assert_eq!(cfg.disks[0].format, ImageFormat::Qcow2);
         assert_eq!(parse("-m 512").err(), Some(XenConfigError::NoDomid));
         assert_eq!(parse("-xen-domid 3").err(), Some(XenConfigError::NoMemory));
-        let e = parse("-xen-domid 1 -m 512 -drive if=none,readonly=on,id=ide-5632,file=/i.iso,format=raw -device ide-cd,id=ide-5632,drive=ide-5632,bus=ide.1,unit=0");
+        let e = parse("-xen-domid 1 -m 512 -drive if=none,readonly=on,id=ide-5632,file=/i.iso,format=vhdx -device ide-cd,id=ide-5632,drive=ide-5632,bus=ide.1,unit=0");
         assert!(matches!(e, Err(XenConfigError::Unsupported { .. })), "{e:?}");
-        // An empty CD-ROM drive is left out with a note.
-        let (cfg, o) = parse("-xen-domid 1 -m 512 -drive if=none,readonly=on,id=ide-5632 -device ide-cd,id=ide-5632,drive=ide-5632,bus=ide.1,unit=0").unwrap();
-        assert!(cfg.disks.is_empty());
-        assert!(o.notes.iter().any(|n| n.contains("CD-ROM")));
+    }
+
+    #[test]
+    fn cdrom_drives_with_and_without_media() {
+        // libxl's form (spec §1.3): hdc with an ISO, hdd empty.
+        let (cfg, o) = parse(
+            "-xen-domid 1 -m 512 \
+             -drive if=none,readonly=on,id=ide-5632,file=/i.iso,format=raw \
+             -device ide-cd,id=ide-5632,drive=ide-5632,bus=ide.1,unit=0 \
+             -drive if=none,readonly=on,id=ide-5696 \
+             -device ide-cd,id=ide-5696,drive=ide-5696,bus=ide.1,unit=1",
+        )
+        .unwrap();
+        assert_eq!(cfg.disks.len(), 2);
+        let (a, b) = (&cfg.disks[0], &cfg.disks[1]);
+        assert!(a.is_cdrom() && a.readonly && a.has_medium());
+        assert_eq!((a.path.to_str(), a.index, a.id.as_deref()), (Some("/i.iso"), Some(2), Some("ide-5632")));
+        assert!(b.is_cdrom() && !b.has_medium());
+        assert_eq!(b.index, Some(3));
+        assert_eq!(o.drive_ids, ["ide-5632", "ide-5696"]);
     }
 }

@@ -88,7 +88,7 @@ pub const DEV_SELECT: u8 = 0x10;
 pub enum DriveKind {
     /// ATA hard disk.
     Disk,
-    /// ATAPI CD/DVD-ROM (signature and PACKET commands; not implemented yet).
+    /// ATAPI CD/DVD-ROM (signature and PACKET commands; see [`super::atapi`]).
     Cdrom,
 }
 

@@ -26,6 +26,14 @@
 //!   their signature (count 1, LBA 1, mid/high 00/00 for ATA, 14/EB for ATAPI), error 01h, status
 //!   DRDY|DSC, and device 0 is selected. No interrupt (ATA spec; libata polls).
 //!
+//! ATAPI CD-ROM drives ([`IdeController::attach_cdrom`]) speak the PACKET protocol: after PACKET
+//! (feature bit 0 = DMA, byte count limit in LBA mid/high) the drive asks for the 12-byte command
+//! packet with DRQ and interrupt reason CoD (no interrupt); data comes in DRQ blocks no longer than
+//! the limit (reason IO, size in LBA mid/high, an interrupt each) or through the bus master; the
+//! end is reason CoD|IO with DRDY, or ERR with the sense key in the error register. The SCSI/MMC
+//! side is [`super::atapi::AtapiDrive`]; media change through [`IdeController::insert_media`] /
+//! [`IdeController::eject_media`].
+//!
 //! Disk I/O is synchronous in this version: PIO blocks are read/written in the data-register
 //! access that needs them and a DMA command runs to completion inside the bus-master start write
 //! (or the command write, if the engine was started first). The DMA work goes through
@@ -36,9 +44,13 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use super::ata::{
-    error, status, AtaAction, AtaDisk, AtaError, DiskConfig, DriveKind, SectorXfer, Taskfile, SECTOR_SIZE,
+    cmd, error, status, AtaAction, AtaDisk, AtaError, DiskConfig, DriveKind, SectorXfer, Taskfile,
+    SECTOR_SIZE,
 };
-use super::bmdma::{DmaEngine, DmaFailure};
+use super::atapi::{
+    AtapiAction, AtapiDrive, AtapiError, AtapiState, CdConfig, Sense, CDB_LEN, CD_BLOCK_SIZE,
+};
+use super::bmdma::{DmaEngine, DmaFailure, DmaFault, PrdCursor};
 use super::image::BlockBackend;
 use crate::bus::{AccessRules, Bus, BusDevice, BusError, IoResult, RegionId};
 use crate::irq::IsaIrq;
@@ -104,24 +116,81 @@ pub enum IdeError {
     Unsupported(DriveKind),
     #[error("flushing IDE slot {channel}:{drive} failed")]
     Flush { channel: usize, drive: usize },
+    #[error("IDE slot {channel}:{drive} is not a CD-ROM drive")]
+    NotCdrom { channel: usize, drive: usize },
+    #[error("the CD-ROM tray of IDE slot {channel}:{drive} is locked by the guest")]
+    Locked { channel: usize, drive: usize },
 }
 
-/// What occupies a slot. ATAPI (CD-ROM) will be a second variant with its PACKET layer.
+/// What occupies a slot: an ATA disk, or an ATAPI CD-ROM drive (with or without a medium).
 #[derive(Debug)]
 enum Media {
     Disk(AtaDisk),
+    Cdrom(AtapiDrive),
 }
 
 impl Media {
     fn kind(&self) -> DriveKind {
         match self {
             Media::Disk(_) => DriveKind::Disk,
+            Media::Cdrom(_) => DriveKind::Cdrom,
         }
     }
-    fn backend(&self) -> &Arc<dyn BlockBackend> {
+    fn backend(&self) -> Option<&Arc<dyn BlockBackend>> {
         match self {
-            Media::Disk(d) => d.backend(),
+            Media::Disk(d) => Some(d.backend()),
+            Media::Cdrom(cd) => cd.media(),
         }
+    }
+}
+
+/// ATAPI interrupt reason (sector count register): command/data and direction bits.
+const IREASON_COD: u8 = 0x01;
+const IREASON_IO: u8 = 0x02;
+/// Byte count limit 0 is not valid for PIO; take the largest even value (as QEMU does).
+const DEFAULT_BYTE_LIMIT: usize = 0xfffe;
+
+/// The data of an ATAPI command still to be delivered: reply bytes or medium bytes already read
+/// (`pending`), then `blocks` medium blocks from `lba`.
+#[derive(Debug, Clone, Default)]
+struct CdStream {
+    pending: Vec<u8>,
+    lba: u64,
+    blocks: u32,
+    /// PIO byte count limit from LBA mid/high at PACKET time (DRQ blocks are at most this long).
+    limit: u16,
+}
+
+impl CdStream {
+    fn remaining(&self) -> usize {
+        self.pending.len() + self.blocks as usize * CD_BLOCK_SIZE
+    }
+
+    /// Size of the next PIO DRQ block under the byte count limit (even unless it is the last).
+    fn pio_chunk(&self) -> usize {
+        let rem = self.remaining();
+        let limit = if self.limit == 0 { DEFAULT_BYTE_LIMIT } else { usize::from(self.limit) };
+        let n = rem.min(limit);
+        if n < rem {
+            (n & !1).max(2)
+        } else {
+            n
+        }
+    }
+
+    /// The next `n` bytes, reading medium blocks as needed. Fails with the drive's sense set.
+    fn take(&mut self, cd: &mut AtapiDrive, n: usize) -> Result<Vec<u8>, Sense> {
+        let n = n.min(self.remaining());
+        while self.pending.len() < n && self.blocks > 0 {
+            let want = (n - self.pending.len()).div_ceil(CD_BLOCK_SIZE).min(self.blocks as usize);
+            let start = self.pending.len();
+            self.pending.resize(start + want * CD_BLOCK_SIZE, 0);
+            cd.read_blocks(self.lba, &mut self.pending[start..])?;
+            self.lba += want as u64;
+            self.blocks -= want as u32;
+        }
+        let rest = self.pending.split_off(n);
+        Ok(std::mem::replace(&mut self.pending, rest))
     }
 }
 
@@ -134,6 +203,10 @@ enum Pio {
     In { buf: Vec<u8>, pos: usize, rest: Option<SectorXfer> },
     /// Host to device: `buf` fills up, then goes to `xfer.lba`.
     Out { buf: Vec<u8>, pos: usize, xfer: SectorXfer },
+    /// ATAPI: the 12-byte command packet after PACKET; `dma` is feature bit 0.
+    Cdb { buf: Vec<u8>, pos: usize, dma: bool, limit: u16 },
+    /// ATAPI device-to-host data: `buf` is the current DRQ block, `stream` what follows.
+    PacketIn { buf: Vec<u8>, pos: usize, stream: CdStream },
 }
 
 #[derive(Debug, Default)]
@@ -152,7 +225,8 @@ impl Drive {
         self.error = error::DIAG_PASSED;
         self.status = match &self.media {
             Some(Media::Disk(_)) => status::DRDY | status::DSC,
-            None => 0,
+            // Packet devices post their signature with DRDY clear (ATA/ATAPI-6 9.10).
+            Some(Media::Cdrom(_)) | None => 0,
         };
         self.pio = Pio::Idle;
     }
@@ -164,11 +238,19 @@ impl Drive {
     }
 }
 
+/// What a queued DMA command moves.
+#[derive(Debug)]
+enum DmaWork {
+    Ata(SectorXfer),
+    /// ATAPI data-in (device to memory).
+    Atapi(CdStream),
+}
+
 /// A DMA command waiting for (or running under) the bus-master engine.
 #[derive(Debug)]
 struct DmaJob {
     unit: usize,
-    xfer: SectorXfer,
+    work: DmaWork,
 }
 
 #[derive(Debug)]
@@ -205,8 +287,10 @@ impl Channel {
 
     fn reset(&mut self) {
         for d in &mut self.drives {
-            if let Some(Media::Disk(disk)) = &mut d.media {
-                disk.reset();
+            match &mut d.media {
+                Some(Media::Disk(disk)) => disk.reset(),
+                Some(Media::Cdrom(cd)) => cd.reset(),
+                None => {}
             }
             d.tf = Taskfile { device: DEV_ALWAYS_ONE, ..Default::default() };
             d.post_signature();
@@ -323,7 +407,9 @@ impl Channel {
             // Commands to an absent device go nowhere.
             return;
         };
-        if d.status & (status::BSY | status::DRQ) != 0 {
+        // DEVICE RESET is how a host recovers a packet device stuck in a data phase.
+        let cd_reset = command == cmd::DEVICE_RESET && matches!(media, Media::Cdrom(_));
+        if d.status & (status::BSY | status::DRQ) != 0 && !cd_reset {
             warn_limited!(
                 format!("ide{ch}-busy-cmd"),
                 "ide{ch}.{unit}: command {command:#04x} while busy (status {:#04x}) ignored",
@@ -334,7 +420,10 @@ impl Channel {
         d.tf.command = command;
         d.error = 0;
         d.pio = Pio::Idle;
-        let Media::Disk(disk) = media;
+        let disk = match media {
+            Media::Disk(disk) => disk,
+            Media::Cdrom(_) => return self.exec_packet_device_command(command),
+        };
         match disk.execute(&mut d.tf) {
             Ok(AtaAction::Complete) => {
                 d.status = status::DRDY | status::DSC;
@@ -356,7 +445,7 @@ impl Channel {
             }
             Ok(AtaAction::Transfer(x)) if x.dma => {
                 d.status = status::DRDY | status::DSC | status::DRQ;
-                self.dma = Some(DmaJob { unit, xfer: x });
+                self.dma = Some(DmaJob { unit, work: DmaWork::Ata(x) });
                 if self.bm_cmd & BM_CMD_START != 0 {
                     self.run_dma(mem);
                 }
@@ -373,6 +462,144 @@ impl Channel {
                 self.raise_irq();
             }
         }
+    }
+
+    /// The ATA commands of a packet device (ATA/ATAPI-7 "PACKET command feature set").
+    fn exec_packet_device_command(&mut self, command: u8) {
+        let unit = self.unit;
+        let d = &mut self.drives[unit];
+        let Some(Media::Cdrom(cd)) = &mut d.media else { return };
+        match command {
+            cmd::PACKET => {
+                // Overlapped/queued packet commands are not supported.
+                if d.tf.feature & 0x02 != 0 {
+                    d.fail(AtaError::Abort);
+                    return self.raise_irq();
+                }
+                let limit = u16::from(d.tf.lba_high) << 8 | u16::from(d.tf.lba_mid);
+                let dma = d.tf.feature & 0x01 != 0;
+                d.pio = Pio::Cdb { buf: vec![0; CDB_LEN], pos: 0, dma, limit };
+                d.tf.count = (d.tf.count & !(IREASON_COD | IREASON_IO)) | IREASON_COD;
+                // DRQ without an interrupt: IDENTIFY PACKET DEVICE word 0 says "DRQ within 50 µs".
+                d.status = status::DRDY | status::DSC | status::DRQ;
+            }
+            cmd::IDENTIFY_PACKET_DEVICE => {
+                d.pio = Pio::In { buf: cd.identify_packet().to_vec(), pos: 0, rest: None };
+                d.status = status::DRDY | status::DSC | status::DRQ;
+                self.raise_irq();
+            }
+            cmd::DEVICE_RESET => {
+                // Aborts whatever the device was doing; posts the signature, no interrupt.
+                if self.dma.as_ref().is_some_and(|j| j.unit == unit) {
+                    self.dma = None;
+                }
+                d.post_signature();
+            }
+            cmd::EXECUTE_DEVICE_DIAGNOSTIC => {
+                for dr in &mut self.drives {
+                    dr.post_signature();
+                }
+                self.dma = None;
+                self.raise_irq();
+            }
+            cmd::SET_FEATURES => {
+                if cd.set_features(d.tf.feature, d.tf.count) {
+                    d.status = status::DRDY | status::DSC;
+                } else {
+                    d.fail(AtaError::Abort);
+                }
+                self.raise_irq();
+            }
+            cmd::CHECK_POWER_MODE => {
+                d.tf.count = 0xff;
+                d.status = status::DRDY | status::DSC;
+                self.raise_irq();
+            }
+            cmd::STANDBY_IMMEDIATE
+            | cmd::IDLE_IMMEDIATE
+            | cmd::STANDBY
+            | cmd::IDLE
+            | cmd::SLEEP
+            | cmd::FLUSH_CACHE => {
+                d.status = status::DRDY | status::DSC;
+                self.raise_irq();
+            }
+            // Firmware and drivers tell packet devices apart by these aborting with the ATAPI
+            // signature in the registers.
+            cmd::IDENTIFY_DEVICE | cmd::READ_SECTORS | cmd::READ_SECTORS_NORETRY => {
+                d.tf.set_signature(DriveKind::Cdrom);
+                d.fail(AtaError::Abort);
+                self.raise_irq();
+            }
+            _ => {
+                d.fail(AtaError::Abort);
+                self.raise_irq();
+            }
+        }
+    }
+
+    /// Ends a packet command: interrupt reason "status", good or CHECK CONDITION status.
+    fn packet_done(&mut self, unit: usize, check_condition: bool) {
+        let d = &mut self.drives[unit];
+        d.pio = Pio::Idle;
+        d.tf.count = (d.tf.count & !(IREASON_COD | IREASON_IO)) | IREASON_COD | IREASON_IO;
+        if check_condition {
+            d.error = match &d.media {
+                Some(Media::Cdrom(cd)) => cd.error_register(),
+                _ => error::ABRT,
+            };
+            d.status = status::DRDY | status::ERR;
+        } else {
+            d.error = 0;
+            d.status = status::DRDY | status::DSC;
+        }
+        self.raise_irq();
+    }
+
+    /// The command packet is complete: run it and start its data phase.
+    fn run_packet(&mut self, mem: &dyn GuestRam, cdb: &[u8], dma: bool, limit: u16) {
+        let unit = self.unit;
+        let d = &mut self.drives[unit];
+        let Some(Media::Cdrom(cd)) = &mut d.media else { return };
+        let stream = match cd.execute(cdb) {
+            AtapiAction::Complete => return self.packet_done(unit, false),
+            AtapiAction::CheckCondition => return self.packet_done(unit, true),
+            AtapiAction::DataIn(pending) => CdStream { pending, lba: 0, blocks: 0, limit },
+            AtapiAction::Read { lba, blocks } => {
+                CdStream { pending: Vec::new(), lba: u64::from(lba), blocks, limit }
+            }
+        };
+        if dma {
+            d.pio = Pio::Idle;
+            d.tf.count = (d.tf.count & !(IREASON_COD | IREASON_IO)) | IREASON_IO;
+            d.status = status::DRDY | status::DSC | status::DRQ;
+            self.dma = Some(DmaJob { unit, work: DmaWork::Atapi(stream) });
+            if self.bm_cmd & BM_CMD_START != 0 {
+                self.run_dma(mem);
+            }
+        } else {
+            self.packet_pio_next(unit, stream);
+        }
+    }
+
+    /// Loads the next PIO DRQ block of a packet command, or ends it.
+    fn packet_pio_next(&mut self, unit: usize, mut stream: CdStream) {
+        let d = &mut self.drives[unit];
+        let Some(Media::Cdrom(cd)) = &mut d.media else { return };
+        if stream.remaining() == 0 {
+            return self.packet_done(unit, false);
+        }
+        let n = stream.pio_chunk();
+        let buf = match stream.take(cd, n) {
+            Ok(b) => b,
+            Err(_) => return self.packet_done(unit, true),
+        };
+        d.tf.lba_mid = n as u8;
+        d.tf.lba_high = (n >> 8) as u8;
+        d.tf.count = (d.tf.count & !(IREASON_COD | IREASON_IO)) | IREASON_IO;
+        d.pio = Pio::PacketIn { buf, pos: 0, stream };
+        d.status = status::DRDY | status::DSC | status::DRQ;
+        self.raise_irq();
     }
 
     /// Loads the next DRQ block of a PIO read, or finishes the command.
@@ -400,6 +627,17 @@ impl Channel {
         if d.media.is_none() || d.status & status::DRQ == 0 {
             return;
         }
+        if let Pio::PacketIn { buf, pos, stream } = &mut d.pio {
+            // A DRQ block may have an odd length: the last access is padded with zeros.
+            let n = out.len().min(buf.len() - *pos);
+            out[..n].copy_from_slice(&buf[*pos..*pos + n]);
+            *pos += n;
+            if *pos >= buf.len() {
+                let stream = std::mem::take(stream);
+                self.packet_pio_next(self.unit, stream);
+            }
+            return;
+        }
         let Pio::In { buf, pos, rest } = &mut d.pio else { return };
         let n = out.len();
         if *pos + n > buf.len() {
@@ -420,9 +658,20 @@ impl Channel {
         }
     }
 
-    fn data_write(&mut self, data: &[u8]) {
+    fn data_write(&mut self, mem: &dyn GuestRam, data: &[u8]) {
         let d = &mut self.drives[self.unit];
         if d.media.is_none() || d.status & status::DRQ == 0 {
+            return;
+        }
+        if let Pio::Cdb { buf, pos, dma, limit } = &mut d.pio {
+            let n = data.len().min(buf.len() - *pos);
+            buf[*pos..*pos + n].copy_from_slice(&data[..n]);
+            *pos += n;
+            if *pos >= buf.len() {
+                let (cdb, dma, limit) = (std::mem::take(buf), *dma, *limit);
+                d.pio = Pio::Idle;
+                self.run_packet(mem, &cdb, dma, limit);
+            }
             return;
         }
         let Pio::Out { buf, pos, xfer } = &mut d.pio else { return };
@@ -482,7 +731,7 @@ impl Channel {
 
     fn write_cmd_block(&mut self, mem: &dyn GuestRam, offset: u64, data: &[u8]) {
         if offset == 0 && data.len() >= 2 {
-            return self.data_write(data);
+            return self.data_write(mem, data);
         }
         for (i, b) in data.iter().enumerate() {
             let reg = offset + i as u64;
@@ -576,19 +825,23 @@ impl Channel {
     /// Runs the queued DMA command to completion (synchronously, in this version).
     fn run_dma(&mut self, mem: &dyn GuestRam) {
         let Some(job) = self.dma.take() else { return };
+        let xfer = match job.work {
+            DmaWork::Ata(x) => x,
+            DmaWork::Atapi(stream) => return self.run_atapi_dma(mem, job.unit, stream),
+        };
         let ch = self.index;
         let to_memory = self.bm_cmd & BM_CMD_TO_MEMORY != 0;
-        if to_memory == job.xfer.write {
+        if to_memory == xfer.write {
             warn_limited!(
                 format!("ide{ch}-bm-dir"),
                 "ide{ch}: bus-master direction bit disagrees with the command; following the command"
             );
         }
-        let mut engine = DmaEngine::new(job.xfer, self.bm_prd);
+        let mut engine = DmaEngine::new(xfer, self.bm_prd);
         let d = &mut self.drives[job.unit];
         let Some(Media::Disk(disk)) = &d.media else { return };
         let result = engine.run(mem, disk);
-        disk.set_address(&mut d.tf, engine.next_lba(), job.xfer.ext);
+        disk.set_address(&mut d.tf, engine.next_lba(), xfer.ext);
         match result {
             Ok(()) => {
                 d.status = status::DRDY | status::DSC;
@@ -603,7 +856,50 @@ impl Channel {
         self.bm_status &= !BM_ST_ACTIVE;
         self.raise_irq();
     }
+
+    /// Moves an ATAPI command's data into the PRD buffers, 64 KiB at a time, and ends it.
+    fn run_atapi_dma(&mut self, mem: &dyn GuestRam, unit: usize, mut stream: CdStream) {
+        let ch = self.index;
+        if self.bm_cmd & BM_CMD_TO_MEMORY == 0 {
+            warn_limited!(
+                format!("ide{ch}-bm-dir"),
+                "ide{ch}: bus-master direction bit disagrees with the command; following the command"
+            );
+        }
+        let mut cursor = PrdCursor::new(self.bm_prd);
+        let Some(Media::Cdrom(cd)) = &mut self.drives[unit].media else { return };
+        let mut failed = false;
+        while stream.remaining() > 0 && !failed {
+            let n = stream.remaining().min(DMA_CHUNK);
+            let Ok(buf) = stream.take(cd, n) else {
+                failed = true;
+                break;
+            };
+            let mut off = 0;
+            while off < buf.len() {
+                let seg = cursor.next_segment(mem, buf.len() - off).and_then(|(gpa, len)| {
+                    mem.write(gpa, &buf[off..off + len]).map_err(|_| DmaFault::BufferNotRam { gpa, len })?;
+                    Ok(len)
+                });
+                match seg {
+                    Ok(len) => off += len,
+                    Err(f) => {
+                        warn_limited!(format!("ide{ch}-dma-fault"), "ide{ch}.{unit}: ATAPI DMA failed: {f}");
+                        self.bm_status |= BM_ST_ERROR;
+                        // Sense stays "no sense": the error register reads ABRT.
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.bm_status &= !BM_ST_ACTIVE;
+        self.packet_done(unit, failed);
+    }
 }
+
+/// Bytes per ATAPI DMA step (the disk engine's bounce-buffer size).
+const DMA_CHUNK: usize = DmaEngine::CHUNK_SECTORS as usize * SECTOR_SIZE;
 
 /// The PIIX3 IDE function's device side: both channels and the bus-master block.
 pub struct IdeController {
@@ -662,21 +958,84 @@ impl IdeController {
         kind: DriveKind,
         config: DiskConfig,
     ) -> Result<(), IdeError> {
-        self.slot(channel, drive)?;
-        if kind != DriveKind::Disk {
-            return Err(IdeError::Unsupported(kind));
+        if kind == DriveKind::Cdrom {
+            let cd = CdConfig { serial: config.serial, firmware: config.firmware, ..Default::default() };
+            return self.attach_cdrom(channel, drive, Some(backend), cd);
         }
+        let media = Media::Disk(AtaDisk::new(backend, config));
+        self.put_drive(channel, drive, media)
+    }
+
+    fn put_drive(&mut self, channel: usize, drive: usize, media: Media) -> Result<(), IdeError> {
+        self.slot(channel, drive)?;
         let d = &mut self.channels[channel].drives[drive];
         if d.media.is_some() {
             return Err(IdeError::Occupied { channel, drive });
         }
-        d.media = Some(Media::Disk(AtaDisk::new(backend, config)));
+        d.media = Some(media);
         d.post_signature();
         Ok(())
     }
 
-    /// Removes a drive (Xen PV unplug), flushing its image first. The slot then reads as absent.
-    pub fn detach(&mut self, channel: usize, drive: usize) -> Result<Arc<dyn BlockBackend>, IdeError> {
+    /// Attaches an ATAPI CD-ROM drive, holding `media` or empty (the drive is present either way).
+    pub fn attach_cdrom(
+        &mut self,
+        channel: usize,
+        drive: usize,
+        media: Option<Arc<dyn BlockBackend>>,
+        config: CdConfig,
+    ) -> Result<(), IdeError> {
+        self.put_drive(channel, drive, Media::Cdrom(AtapiDrive::new(media, config)))
+    }
+
+    fn cdrom_mut(&mut self, channel: usize, drive: usize) -> Result<&mut AtapiDrive, IdeError> {
+        self.slot(channel, drive)?;
+        match &mut self.channels[channel].drives[drive].media {
+            Some(Media::Cdrom(cd)) => Ok(cd),
+            _ => Err(IdeError::NotCdrom { channel, drive }),
+        }
+    }
+
+    /// The CD-ROM drive in a slot (medium, lock and tray state for QMP `query-block`).
+    pub fn cdrom(&self, channel: usize, drive: usize) -> Option<&AtapiDrive> {
+        match &self.channels.get(channel)?.drives.get(drive)?.media {
+            Some(Media::Cdrom(cd)) => Some(cd),
+            _ => None,
+        }
+    }
+
+    /// Host side (QMP `blockdev-change-medium`): puts a new medium in a CD-ROM drive, replacing
+    /// any old one. The guest sees a UNIT ATTENTION and a new-media event.
+    pub fn insert_media(
+        &mut self,
+        channel: usize,
+        drive: usize,
+        backend: Arc<dyn BlockBackend>,
+    ) -> Result<(), IdeError> {
+        self.cdrom_mut(channel, drive)?.insert(backend);
+        Ok(())
+    }
+
+    /// Host side (QMP `eject`): takes the medium out of a CD-ROM drive and returns it. Refused
+    /// with [`IdeError::Locked`] while the guest locks the tray, unless `force`.
+    pub fn eject_media(
+        &mut self,
+        channel: usize,
+        drive: usize,
+        force: bool,
+    ) -> Result<Option<Arc<dyn BlockBackend>>, IdeError> {
+        self.cdrom_mut(channel, drive)?.eject(force).map_err(|e| match e {
+            AtapiError::Locked => IdeError::Locked { channel, drive },
+        })
+    }
+
+    /// Removes a drive (Xen PV unplug), flushing its image first, and returns the image (none
+    /// for an empty CD-ROM drive). The slot then reads as absent.
+    pub fn detach(
+        &mut self,
+        channel: usize,
+        drive: usize,
+    ) -> Result<Option<Arc<dyn BlockBackend>>, IdeError> {
         self.slot(channel, drive)?;
         let ch = &mut self.channels[channel];
         let Some(media) = ch.drives[drive].media.take() else {
@@ -688,20 +1047,20 @@ impl IdeController {
         let d = &mut ch.drives[drive];
         d.pio = Pio::Idle;
         d.post_signature();
-        let backend = media.backend().clone();
+        let Some(backend) = media.backend().cloned() else { return Ok(None) };
         backend.flush().map_err(|e| {
             log::error!("ide{channel}.{drive}: flush on detach failed: {e}");
             IdeError::Flush { channel, drive }
         })?;
-        Ok(backend)
+        Ok(Some(backend))
     }
 
     /// Flushes every attached image (before save, shutdown or unplug).
     pub fn flush_all(&self) -> Result<(), IdeError> {
         for (c, ch) in self.channels.iter().enumerate() {
             for (i, d) in ch.drives.iter().enumerate() {
-                if let Some(m) = &d.media {
-                    m.backend().flush().map_err(|e| {
+                if let Some(b) = d.media.as_ref().and_then(Media::backend) {
+                    b.flush().map_err(|e| {
                         log::error!("ide{c}.{i}: flush failed: {e}");
                         IdeError::Flush { channel: c, drive: i }
                     })?;
@@ -709,6 +1068,11 @@ impl IdeController {
             }
         }
         Ok(())
+    }
+
+    /// The image behind a slot: a disk's, or a CD-ROM's current medium (`query-block` sizes).
+    pub fn backend(&self, channel: usize, drive: usize) -> Option<&Arc<dyn BlockBackend>> {
+        self.channels.get(channel)?.drives.get(drive)?.media.as_ref()?.backend()
     }
 
     pub fn drive_kind(&self, channel: usize, drive: usize) -> Option<DriveKind> {
@@ -777,31 +1141,38 @@ impl BusDevice for IdeController {
     }
 }
 
-// ---- save/restore: section "ide", version 1 ----
+// ---- save/restore: section "ide", version 2 ----
 //
 // Saved per channel: selected unit, device control, pending interrupt, bus-master registers and a
-// DMA command armed but not started; per drive: task file, status, error, the PIO data phase
-// (current DRQ block with position, and the rest of the transfer) and the disk's settable
-// parameters. Attached images are configuration: the stream must match which slots hold a disk
-// (and their size). In this version DMA runs to completion inside the access that starts it, so
-// a quiesced controller (vCPUs stopped, no access in progress) never has a transfer in flight;
-// an asynchronous engine would have to drain before saving.
+// DMA command armed but not started (ATA sectors, or an ATAPI data stream); per drive: what the
+// slot holds (none / disk / CD-ROM), task file, status, error, the PIO data phase (current DRQ
+// block with position, and the rest of the transfer; for ATAPI also a half-written command packet)
+// and the device's settable state (disk parameters; CD sense, lock, tray, unit attention, event).
+// Attached images are configuration: the stream must match which slots hold a disk (and their
+// size) or a CD-ROM drive; a CD medium that differs from the saved one becomes a media change. In
+// this version DMA runs to completion inside the access that starts it, so a quiesced controller
+// (vCPUs stopped, no access in progress) never has a transfer in flight; an asynchronous engine
+// would have to drain before saving.
+//
+// Version 1 (no ATAPI) is still read: it had a presence flag where version 2 has the slot kind
+// (0/1 mean the same) and no DMA kind tag.
 
-/// Largest PIO block: READ/WRITE MULTIPLE with the maximum multiple count.
-const MAX_PIO_BLOCK: usize = super::ata::MAX_MULTIPLE as usize * SECTOR_SIZE;
+/// Largest PIO block: READ/WRITE MULTIPLE with the maximum multiple count, or an ATAPI DRQ block.
+const MAX_PIO_BLOCK: usize = DEFAULT_BYTE_LIMIT + 1;
+/// Largest ATAPI bytes read ahead or replied but not yet moved.
+const MAX_CD_PENDING: usize = 0x1_0000 + CD_BLOCK_SIZE;
 
-enum PioState {
-    Idle,
-    In { buf: Vec<u8>, pos: usize, rest: Option<SectorXfer> },
-    Out { buf: Vec<u8>, pos: usize, xfer: SectorXfer },
-}
+const SLOT_EMPTY: u8 = 0;
+const SLOT_DISK: u8 = 1;
+const SLOT_CDROM: u8 = 2;
 
 struct DriveState {
     tf: Taskfile,
     status: u8,
     error: u8,
-    pio: PioState,
+    pio: Pio,
     disk: Option<super::ata::AtaDiskState>,
+    cd: Option<AtapiState>,
 }
 
 struct ChannelState {
@@ -811,7 +1182,7 @@ struct ChannelState {
     bm_cmd: u8,
     bm_status: u8,
     bm_prd: u32,
-    dma: Option<(usize, SectorXfer)>,
+    dma: Option<DmaJob>,
     drives: [DriveState; 2],
 }
 
@@ -832,6 +1203,23 @@ fn get_xfer(r: &mut SectionReader<'_>) -> Result<SectorXfer, SnapshotError> {
         dma: r.get_bool()?,
         block: r.get_u32()?,
         ext: r.get_bool()?,
+    })
+}
+
+fn put_stream(w: &mut SectionWriter, s: &CdStream) {
+    w.put_bytes(&s.pending);
+    w.put_u64(s.lba);
+    w.put_u32(s.blocks);
+    w.put_u16(s.limit);
+}
+
+/// A stream as the drive could have left it (medium reads past the end fail at read time).
+fn get_stream(r: &mut SectionReader<'_>) -> Result<CdStream, SnapshotError> {
+    Ok(CdStream {
+        pending: r.get_bytes(MAX_CD_PENDING)?,
+        lba: r.get_u64()?,
+        blocks: r.get_u32()?,
+        limit: r.get_u16()?,
     })
 }
 
@@ -881,6 +1269,90 @@ fn xfer_ok(disk: &AtaDisk, x: &SectorXfer, dma: bool, write: Option<bool>, min_c
         && disk.range_ok(x.lba, x.count)
 }
 
+fn put_pio(w: &mut SectionWriter, pio: &Pio) {
+    match pio {
+        Pio::Idle => w.put_u8(0),
+        Pio::In { buf, pos, rest } => {
+            w.put_u8(1);
+            w.put_bytes(buf);
+            w.put_u32(*pos as u32);
+            w.put_bool(rest.is_some());
+            if let Some(x) = rest {
+                put_xfer(w, x);
+            }
+        }
+        Pio::Out { buf, pos, xfer } => {
+            w.put_u8(2);
+            w.put_bytes(buf);
+            w.put_u32(*pos as u32);
+            put_xfer(w, xfer);
+        }
+        Pio::Cdb { buf, pos, dma, limit } => {
+            w.put_u8(3);
+            w.put_bytes(buf);
+            w.put_u32(*pos as u32);
+            w.put_bool(*dma);
+            w.put_u16(*limit);
+        }
+        Pio::PacketIn { buf, pos, stream } => {
+            w.put_u8(4);
+            w.put_bytes(buf);
+            w.put_u32(*pos as u32);
+            put_stream(w, stream);
+        }
+    }
+}
+
+fn get_pio(r: &mut SectionReader<'_>) -> Result<Pio, SnapshotError> {
+    Ok(match r.get_u8()? {
+        0 => Pio::Idle,
+        1 => {
+            let buf = r.get_bytes(MAX_PIO_BLOCK)?;
+            let pos = r.get_u32()? as usize;
+            let rest = if r.get_bool()? { Some(get_xfer(r)?) } else { None };
+            Pio::In { buf, pos, rest }
+        }
+        2 => {
+            let buf = r.get_bytes(MAX_PIO_BLOCK)?;
+            let pos = r.get_u32()? as usize;
+            Pio::Out { buf, pos, xfer: get_xfer(r)? }
+        }
+        3 => {
+            let buf = r.get_bytes(CDB_LEN)?;
+            let pos = r.get_u32()? as usize;
+            Pio::Cdb { buf, pos, dma: r.get_bool()?, limit: r.get_u16()? }
+        }
+        4 => {
+            let buf = r.get_bytes(MAX_PIO_BLOCK)?;
+            let pos = r.get_u32()? as usize;
+            Pio::PacketIn { buf, pos, stream: get_stream(r)? }
+        }
+        t => return Err(r.bad(format!("PIO state {t}"))),
+    })
+}
+
+/// Whether a PIO phase fits the device: disks move sectors, CD-ROM drives take packets and
+/// return IDENTIFY PACKET DEVICE data or packet data.
+fn pio_ok(media: &Media, pio: &Pio) -> bool {
+    match (media, pio) {
+        (_, Pio::Idle) => true,
+        (Media::Disk(disk), Pio::In { buf, pos, rest }) => {
+            !buf.is_empty()
+                && *pos <= buf.len()
+                && rest.as_ref().is_none_or(|x| xfer_ok(disk, x, false, Some(false), 0))
+        }
+        (Media::Disk(disk), Pio::Out { buf, pos, xfer }) => {
+            xfer_ok(disk, xfer, false, Some(true), 1)
+                && buf.len() == xfer.block.min(xfer.count) as usize * SECTOR_SIZE
+                && *pos <= buf.len()
+        }
+        (Media::Cdrom(_), Pio::In { buf, pos, rest: None }) => buf.len() == SECTOR_SIZE && *pos <= buf.len(),
+        (Media::Cdrom(_), Pio::Cdb { buf, pos, .. }) => buf.len() == CDB_LEN && *pos < CDB_LEN,
+        (Media::Cdrom(_), Pio::PacketIn { buf, pos, .. }) => !buf.is_empty() && *pos < buf.len(),
+        _ => false,
+    }
+}
+
 impl Channel {
     fn save_state(&self, w: &mut SectionWriter) {
         // unit is 0 or 1.
@@ -893,38 +1365,36 @@ impl Channel {
         w.put_bool(self.dma.is_some());
         if let Some(j) = &self.dma {
             w.put_u8(j.unit as u8);
-            put_xfer(w, &j.xfer);
+            match &j.work {
+                DmaWork::Ata(x) => {
+                    w.put_u8(0);
+                    put_xfer(w, x);
+                }
+                DmaWork::Atapi(s) => {
+                    w.put_u8(1);
+                    put_stream(w, s);
+                }
+            }
         }
         for d in &self.drives {
-            w.put_bool(d.media.is_some());
+            w.put_u8(match &d.media {
+                None => SLOT_EMPTY,
+                Some(Media::Disk(_)) => SLOT_DISK,
+                Some(Media::Cdrom(_)) => SLOT_CDROM,
+            });
             put_tf(w, &d.tf);
             w.put_u8(d.status);
             w.put_u8(d.error);
-            match &d.pio {
-                Pio::Idle => w.put_u8(0),
-                Pio::In { buf, pos, rest } => {
-                    w.put_u8(1);
-                    w.put_bytes(buf);
-                    w.put_u32(*pos as u32);
-                    w.put_bool(rest.is_some());
-                    if let Some(x) = rest {
-                        put_xfer(w, x);
-                    }
-                }
-                Pio::Out { buf, pos, xfer } => {
-                    w.put_u8(2);
-                    w.put_bytes(buf);
-                    w.put_u32(*pos as u32);
-                    put_xfer(w, xfer);
-                }
-            }
-            if let Some(Media::Disk(disk)) = &d.media {
-                disk.save_state(w);
+            put_pio(w, &d.pio);
+            match &d.media {
+                Some(Media::Disk(disk)) => disk.save_state(w),
+                Some(Media::Cdrom(cd)) => cd.save_state(w),
+                None => {}
             }
         }
     }
 
-    fn decode_state(&self, r: &mut SectionReader<'_>) -> Result<ChannelState, SnapshotError> {
+    fn decode_state(&self, version: u32, r: &mut SectionReader<'_>) -> Result<ChannelState, SnapshotError> {
         let ch = self.index;
         let unit = usize::from(r.get_u8()?);
         let ctl = r.get_u8()?;
@@ -935,73 +1405,59 @@ impl Channel {
         if unit > 1 || bm_cmd & !(BM_CMD_START | BM_CMD_TO_MEMORY) != 0 || bm_prd & 3 != 0 {
             return Err(r.bad(format!("ide{ch}: unit {unit}, BM command {bm_cmd:#x}, PRD {bm_prd:#x}")));
         }
-        let dma = if r.get_bool()? { Some((usize::from(r.get_u8()?), get_xfer(r)?)) } else { None };
+        let dma = if r.get_bool()? {
+            let unit = usize::from(r.get_u8()?);
+            let kind = if version == 1 { 0 } else { r.get_u8()? };
+            let work = match kind {
+                0 => DmaWork::Ata(get_xfer(r)?),
+                1 => DmaWork::Atapi(get_stream(r)?),
+                t => return Err(r.bad(format!("ide{ch}: DMA kind {t}"))),
+            };
+            Some(DmaJob { unit, work })
+        } else {
+            None
+        };
         let mut drives = Vec::with_capacity(2);
         for (i, cur) in self.drives.iter().enumerate() {
-            let present = r.get_bool()?;
+            let slot = r.get_u8()?;
             let tf = get_tf(r)?;
             let status = r.get_u8()?;
             let error = r.get_u8()?;
-            let pio = match r.get_u8()? {
-                0 => PioState::Idle,
-                1 => {
-                    let buf = r.get_bytes(MAX_PIO_BLOCK)?;
-                    let pos = r.get_u32()? as usize;
-                    let rest = if r.get_bool()? { Some(get_xfer(r)?) } else { None };
-                    PioState::In { buf, pos, rest }
-                }
-                2 => {
-                    let buf = r.get_bytes(MAX_PIO_BLOCK)?;
-                    let pos = r.get_u32()? as usize;
-                    PioState::Out { buf, pos, xfer: get_xfer(r)? }
-                }
-                t => return Err(r.bad(format!("ide{ch}.{i}: PIO state {t}"))),
-            };
-            let disk = match &cur.media {
-                Some(Media::Disk(disk)) if present => {
-                    let st = disk.decode_state(r)?;
-                    let ok = match &pio {
-                        PioState::Idle => true,
-                        PioState::In { buf, pos, rest } => {
-                            !buf.is_empty()
-                                && *pos <= buf.len()
-                                && rest.as_ref().is_none_or(|x| xfer_ok(disk, x, false, Some(false), 0))
-                        }
-                        PioState::Out { buf, pos, xfer } => {
-                            xfer_ok(disk, xfer, false, Some(true), 1)
-                                && buf.len() == xfer.block.min(xfer.count) as usize * SECTOR_SIZE
-                                && *pos <= buf.len()
-                        }
-                    };
-                    if !ok {
-                        return Err(r.bad(format!("ide{ch}.{i}: inconsistent PIO transfer state")));
-                    }
-                    if let Some((u, x)) = &dma {
-                        if *u == i && !xfer_ok(disk, x, true, None, 1) {
-                            return Err(r.bad(format!("ide{ch}.{i}: bad queued DMA transfer")));
-                        }
-                    }
-                    Some(st)
-                }
-                None if !present => {
-                    if !matches!(pio, PioState::Idle) {
-                        return Err(r.bad(format!("ide{ch}.{i}: data phase on an empty slot")));
-                    }
-                    None
-                }
-                _ => {
+            let pio = get_pio(r)?;
+            let (mut disk, mut cd) = (None, None);
+            match (&cur.media, slot) {
+                (Some(Media::Disk(dk)), SLOT_DISK) => disk = Some(dk.decode_state(r)?),
+                (Some(Media::Cdrom(c)), SLOT_CDROM) => cd = Some(c.decode_state(r)?),
+                (None, SLOT_EMPTY) => {}
+                (m, s) => {
                     return Err(r.bad(format!(
-                        "ide{ch}.{i}: saved with{} a disk, attached with{}",
-                        if present { "" } else { "out" },
-                        if cur.media.is_some() { "" } else { "out" }
+                        "ide{ch}.{i}: saved with slot kind {s}, attached {:?}",
+                        m.as_ref().map(Media::kind)
                     )))
                 }
+            }
+            let pio_fits = match &cur.media {
+                Some(m) => pio_ok(m, &pio),
+                None => matches!(pio, Pio::Idle),
             };
-            drives.push(DriveState { tf, status, error, pio, disk });
+            if !pio_fits {
+                return Err(r.bad(format!("ide{ch}.{i}: inconsistent PIO transfer state")));
+            }
+            if let Some(j) = dma.as_ref().filter(|j| j.unit == i) {
+                let fits = match (&cur.media, &j.work) {
+                    (Some(Media::Disk(dk)), DmaWork::Ata(x)) => xfer_ok(dk, x, true, None, 1),
+                    (Some(Media::Cdrom(_)), DmaWork::Atapi(_)) => true,
+                    _ => false,
+                };
+                if !fits {
+                    return Err(r.bad(format!("ide{ch}.{i}: bad queued DMA transfer")));
+                }
+            }
+            drives.push(DriveState { tf, status, error, pio, disk, cd });
         }
-        if let Some((u, _)) = &dma {
-            if drives.get(*u).is_none_or(|d| d.disk.is_none()) {
-                return Err(r.bad(format!("ide{ch}: DMA queued for an empty slot")));
+        if let Some(j) = &dma {
+            if j.unit > 1 {
+                return Err(r.bad(format!("ide{ch}: DMA queued for unit {}", j.unit)));
             }
         }
         let drives: [DriveState; 2] = drives.try_into().map_err(|_| r.bad("drive count"))?;
@@ -1015,18 +1471,16 @@ impl Channel {
         self.bm_cmd = st.bm_cmd;
         self.bm_status = st.bm_status;
         self.bm_prd = st.bm_prd;
-        self.dma = st.dma.map(|(unit, xfer)| DmaJob { unit, xfer });
+        self.dma = st.dma;
         for (d, s) in self.drives.iter_mut().zip(st.drives) {
             d.tf = s.tf;
             d.status = s.status;
             d.error = s.error;
-            d.pio = match s.pio {
-                PioState::Idle => Pio::Idle,
-                PioState::In { buf, pos, rest } => Pio::In { buf, pos, rest },
-                PioState::Out { buf, pos, xfer } => Pio::Out { buf, pos, xfer },
-            };
-            if let (Some(Media::Disk(disk)), Some(ds)) = (&mut d.media, &s.disk) {
-                disk.apply_state(ds);
+            d.pio = s.pio;
+            match (&mut d.media, &s.disk, &s.cd) {
+                (Some(Media::Disk(disk)), Some(ds), _) => disk.apply_state(ds),
+                (Some(Media::Cdrom(cd)), _, Some(cs)) => cd.apply_state(cs),
+                _ => {}
             }
         }
         // Drive the line directly: update_irq() would also latch the bus-master interrupt bit,
@@ -1044,7 +1498,7 @@ impl Snapshot for IdeController {
         "ide"
     }
     fn section_version(&self) -> u32 {
-        1
+        2
     }
     fn save(&self, w: &mut SectionWriter) {
         for ch in &self.channels {
@@ -1052,9 +1506,11 @@ impl Snapshot for IdeController {
         }
     }
     fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
-        check_version(r, version, 1)?;
-        let a = self.channels[0].decode_state(r)?;
-        let b = self.channels[1].decode_state(r)?;
+        if version != 1 {
+            check_version(r, version, 2)?;
+        }
+        let a = self.channels[0].decode_state(version, r)?;
+        let b = self.channels[1].decode_state(version, r)?;
         Ok(PendingState::new([a, b]))
     }
     fn apply(&mut self, state: PendingState) -> Result<(), SnapshotError> {
@@ -1588,10 +2044,9 @@ mod tests {
             c.attach(2, 0, Box::new(MemImage::new(vec![], false)), DriveKind::Disk),
             Err(IdeError::BadSlot { .. })
         ));
-        assert!(matches!(
-            c.attach(1, 0, Box::new(MemImage::new(vec![], false)), DriveKind::Cdrom),
-            Err(IdeError::Unsupported(DriveKind::Cdrom))
-        ));
+        c.attach(1, 0, Box::new(MemImage::new(vec![], false)), DriveKind::Cdrom).unwrap();
+        assert_eq!(c.drive_kind(1, 0), Some(DriveKind::Cdrom));
+        assert!(c.detach(1, 0).unwrap().is_some());
         c.attach_with_config(1, 1, img.clone(), DriveKind::Disk, DiskConfig::default()).unwrap();
         assert!(matches!(
             c.attach(1, 1, Box::new(MemImage::new(vec![], false)), DriveKind::Disk),
@@ -1821,6 +2276,325 @@ mod tests {
         assert_eq!(r.inb(0x1f7), 0x58); // DRQ still set: SeaBIOS's -7
         assert_eq!(r.pio_read16(1).len(), 512);
         assert_eq!(r.inb(0x1f7), 0x50);
+    }
+
+    mod atapi {
+        use super::super::super::atapi::op;
+        use super::*;
+        use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+
+        /// Secondary channel, as libxl puts its CD (hdc = ide-5632).
+        const CMD: u64 = 0x170;
+        const BM2: u64 = BM + 8;
+
+        /// The IDE test rig with a CD drive at 1:0.
+        struct Cd {
+            r: Rig,
+        }
+
+        impl std::ops::Deref for Cd {
+            type Target = Rig;
+            fn deref(&self) -> &Rig {
+                &self.r
+            }
+        }
+
+        fn iso(blocks: usize) -> Vec<u8> {
+            (0..blocks * CD_BLOCK_SIZE).map(|i| (i * 5 + i / CD_BLOCK_SIZE * 11) as u8).collect()
+        }
+
+        impl Cd {
+            /// The drive holds `blocks` blocks of [`iso`] (or nothing).
+            fn new(blocks: Option<usize>) -> Cd {
+                let r = Rig::new();
+                let media = blocks.map(|n| Arc::new(MemImage::new(iso(n), true)) as Arc<dyn BlockBackend>);
+                r.ctrl.lock().unwrap().attach_cdrom(1, 0, media, CdConfig::default()).unwrap();
+                Cd { r }
+            }
+            fn inw(&self) -> u16 {
+                self.r.inw(CMD)
+            }
+            fn irq(&self) -> bool {
+                self.irqs.isa_level(15)
+            }
+            /// PACKET with `limit` and DMA flag, then the command packet as six 16-bit writes.
+            fn packet(&self, cdb: &[u8], limit: u16, dma: bool) {
+                let mut c = [0u8; 12];
+                c[..cdb.len()].copy_from_slice(cdb);
+                self.outb(CMD + 6, 0xa0);
+                self.outb(CMD + 1, u8::from(dma));
+                self.outb(CMD + 4, limit as u8);
+                self.outb(CMD + 5, (limit >> 8) as u8);
+                self.outb(CMD + 7, cmd::PACKET);
+                assert_eq!(self.inb(CMD + 0x206), 0x58, "DRQ for the packet");
+                assert_eq!(self.inb(CMD + 2) & 3, IREASON_COD);
+                assert!(!self.irq(), "no interrupt before the packet");
+                for w in c.chunks(2) {
+                    self.bus.write_sync(CMD, w);
+                }
+            }
+            /// Reads one DRQ block: (bytes announced, data, interrupt reason).
+            fn drq_block(&self) -> (usize, Vec<u8>) {
+                assert!(self.irq());
+                assert_eq!(self.inb(CMD + 7), 0x58);
+                assert!(!self.irq());
+                assert_eq!(self.inb(CMD + 2) & 3, IREASON_IO);
+                let n = usize::from(self.inb(CMD + 4)) | usize::from(self.inb(CMD + 5)) << 8;
+                let mut v = Vec::new();
+                for _ in 0..n.div_ceil(2) {
+                    v.extend_from_slice(&self.inw().to_le_bytes());
+                }
+                v.truncate(n);
+                (n, v)
+            }
+            /// After the last data: good status, "status" interrupt reason, interrupt.
+            fn expect_good(&self) {
+                assert!(self.irq());
+                assert_eq!(self.inb(CMD + 7), 0x50);
+                assert_eq!(self.inb(CMD + 2) & 3, IREASON_COD | IREASON_IO);
+            }
+            /// CHECK CONDITION with sense key `key`.
+            fn expect_check(&self, key: u8) {
+                assert!(self.irq());
+                assert_eq!(self.inb(CMD + 7), 0x41);
+                assert_eq!(self.inb(CMD + 1), key << 4 | error::ABRT);
+                assert_eq!(self.inb(CMD + 2) & 3, IREASON_COD | IREASON_IO);
+            }
+            fn sense(&self) -> (u8, u8, u8) {
+                self.packet(&[op::REQUEST_SENSE, 0, 0, 0, 18], 18, false);
+                let (_, s) = self.drq_block();
+                self.expect_good();
+                (s[2], s[12], s[13])
+            }
+        }
+
+        #[test]
+        fn signature_identify_and_empty_drive() {
+            for blocks in [Some(4), None] {
+                let r = Cd::new(blocks);
+                r.outb(CMD + 6, 0xa0);
+                // ATAPI signature, DRDY clear; the absent slave reads status 0.
+                assert_eq!(
+                    [r.inb(CMD + 2), r.inb(CMD + 3), r.inb(CMD + 4), r.inb(CMD + 5)],
+                    [1, 1, 0x14, 0xeb]
+                );
+                assert_eq!(r.inb(CMD + 7), 0);
+                // IDENTIFY DEVICE aborts and leaves the signature in the registers.
+                r.outb(CMD + 4, 0);
+                r.outb(CMD + 7, cmd::IDENTIFY_DEVICE);
+                assert!(r.irq());
+                assert_eq!(r.inb(CMD + 7), 0x41);
+                assert_eq!(r.inb(CMD + 1), error::ABRT);
+                assert_eq!((r.inb(CMD + 4), r.inb(CMD + 5)), (0x14, 0xeb));
+                r.outb(CMD + 7, cmd::IDENTIFY_PACKET_DEVICE);
+                assert!(r.irq());
+                assert_eq!(r.inb(CMD + 7), 0x58);
+                let id: Vec<u16> = (0..256).map(|_| r.inw()).collect();
+                assert_eq!(id[0], 0x85c0);
+                assert_eq!(r.inb(CMD + 7), 0x50);
+                // SET FEATURES transfer mode: MWDMA2 shows in word 63.
+                r.outb(CMD + 1, 0x03);
+                r.outb(CMD + 2, 0x22);
+                r.outb(CMD + 7, cmd::SET_FEATURES);
+                assert_eq!(r.inb(CMD + 7), 0x50);
+                r.outb(CMD + 7, cmd::IDENTIFY_PACKET_DEVICE);
+                let id: Vec<u16> = (0..256).map(|_| r.inw()).collect();
+                assert_eq!(id[63], 0x407);
+                assert_eq!(r.ctrl.lock().unwrap().drive_kind(1, 0), Some(DriveKind::Cdrom));
+            }
+        }
+
+        #[test]
+        fn pio_read_through_packet_and_byte_count_limit() {
+            let r = Cd::new(Some(40));
+            let img = iso(40);
+            // Unit attention? None: the medium was there at power-on.
+            r.packet(&[op::READ_10, 0, 0, 0, 0, 2, 0, 0, 2], 2048, false);
+            let (n, a) = r.drq_block();
+            assert_eq!(n, 2048);
+            let (_, b) = r.drq_block();
+            r.expect_good();
+            assert_eq!([a, b].concat(), img[2 * 2048..4 * 2048]);
+            // An odd limit that does not divide the data: even DRQ blocks, the rest at the end.
+            r.packet(&[op::READ_12, 0, 0, 0, 0, 5, 0, 0, 0, 2], 3001, false);
+            let (n1, a) = r.drq_block();
+            let (n2, b) = r.drq_block();
+            r.expect_good();
+            assert_eq!((n1, n2), (3000, 1096));
+            assert_eq!([a, b].concat(), img[5 * 2048..7 * 2048]);
+            // Limit 0: one DRQ block of up to 0xfffe bytes.
+            r.packet(&[op::READ_10, 0, 0, 0, 0, 0, 0, 0, 40], 0, false);
+            let (n1, _) = r.drq_block();
+            assert_eq!(n1, 0xfffe);
+            let (n2, b) = r.drq_block();
+            assert_eq!(n2, 40 * 2048 - 0xfffe);
+            assert_eq!(b, img[0xfffe..]);
+            r.expect_good();
+            // Odd-length reply (INQUIRY with allocation 5): the last word is padded.
+            r.packet(&[op::INQUIRY, 0, 0, 0, 5], 0x100, false);
+            let (n, d) = r.drq_block();
+            assert_eq!((n, &d[..2]), (5, &[5u8, 0x80][..]));
+            r.expect_good();
+            // Past the end.
+            r.packet(&[op::READ_10, 0, 0, 0, 0, 39, 0, 0, 2], 2048, false);
+            r.expect_check(5);
+            assert_eq!(r.sense(), (5, 0x21, 0));
+        }
+
+        #[test]
+        fn dma_read_through_prds() {
+            let r = Cd::new(Some(16));
+            let img = iso(16);
+            // 3 blocks over two PRD entries; engine started after the packet.
+            let e0 = 0x10000u64 | (2048u64 << 32);
+            let e1 = 0x20000u64 | (4096u64 << 32) | (1 << 63);
+            r.mem.write(0x1000, &e0.to_le_bytes()).unwrap();
+            r.mem.write(0x1008, &e1.to_le_bytes()).unwrap();
+            r.bus.write_sync(BM2 + 4, &0x1000u32.to_le_bytes());
+            r.packet(&[op::READ_10, 0, 0, 0, 0, 7, 0, 0, 3], 0, true);
+            assert!(!r.irq());
+            assert_eq!(r.inb(CMD + 0x206) & status::DRQ, status::DRQ);
+            r.outb(BM2, BM_CMD_START | BM_CMD_TO_MEMORY);
+            assert_eq!(r.inb(BM2 + 2) & (BM_ST_INTERRUPT | BM_ST_ACTIVE | BM_ST_ERROR), BM_ST_INTERRUPT);
+            r.expect_good();
+            let mut m = vec![0u8; 3 * 2048];
+            r.mem.read(0x10000, &mut m[..2048]).unwrap();
+            r.mem.read(0x20000, &mut m[2048..]).unwrap();
+            assert_eq!(m, img[7 * 2048..10 * 2048]);
+            // A small reply by DMA (engine already running), and a non-data command with DMA set.
+            r.outb(BM2, 0);
+            r.outb(BM2 + 2, BM_ST_INTERRUPT);
+            r.outb(BM2, BM_CMD_START | BM_CMD_TO_MEMORY);
+            r.packet(&[op::READ_CAPACITY], 0, true);
+            r.expect_good();
+            let mut cap = [0u8; 8];
+            r.mem.read(0x10000, &mut cap).unwrap();
+            assert_eq!(cap, [0, 0, 0, 15, 0, 0, 8, 0]);
+            r.packet(&[op::TEST_UNIT_READY], 0, true);
+            r.expect_good();
+            // PRD table outside RAM: bus-master error, ABRT.
+            r.outb(BM2, 0);
+            r.outb(BM2 + 2, BM_ST_INTERRUPT | BM_ST_ERROR);
+            r.bus.write_sync(BM2 + 4, &0xfff0_0000u32.to_le_bytes());
+            r.packet(&[op::READ_10, 0, 0, 0, 0, 0, 0, 0, 1], 0, true);
+            r.outb(BM2, BM_CMD_START | BM_CMD_TO_MEMORY);
+            assert_eq!(r.inb(BM2 + 2) & BM_ST_ERROR, BM_ST_ERROR);
+            r.expect_check(0);
+        }
+
+        #[test]
+        fn media_change_lock_and_empty_drive() {
+            let r = Cd::new(None);
+            r.packet(&[op::TEST_UNIT_READY], 0, false);
+            r.expect_check(2);
+            assert_eq!(r.sense(), (2, 0x3a, 0));
+            let disc: Arc<dyn BlockBackend> = Arc::new(MemImage::new(iso(8), true));
+            r.ctrl.lock().unwrap().insert_media(1, 0, disc).unwrap();
+            r.packet(&[op::TEST_UNIT_READY], 0, false);
+            r.expect_check(6);
+            assert_eq!(r.sense(), (6, 0x28, 0));
+            r.packet(&[op::TEST_UNIT_READY], 0, false);
+            r.expect_good();
+            // Guest locks the tray: the host eject is refused, then forced.
+            r.packet(&[op::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1], 0, false);
+            r.expect_good();
+            let mut c = r.ctrl.lock().unwrap();
+            assert!(matches!(c.eject_media(1, 0, false), Err(IdeError::Locked { channel: 1, drive: 0 })));
+            assert!(c.cdrom(1, 0).unwrap().has_media());
+            assert!(c.eject_media(1, 0, true).unwrap().is_some());
+            assert!(!c.cdrom(1, 0).unwrap().has_media());
+            assert!(matches!(c.eject_media(0, 0, false), Err(IdeError::NotCdrom { .. })));
+            assert!(matches!(
+                c.insert_media(0, 1, Arc::new(MemImage::new(vec![], true))),
+                Err(IdeError::NotCdrom { .. })
+            ));
+            drop(c);
+            r.packet(&[op::READ_CAPACITY], 8, false);
+            r.expect_check(2);
+        }
+
+        #[test]
+        fn device_reset_aborts_a_data_phase() {
+            let r = Cd::new(Some(4));
+            r.packet(&[op::READ_10, 0, 0, 0, 0, 0, 0, 0, 2], 2048, false);
+            assert_eq!(r.inb(CMD + 7), 0x58);
+            r.outb(CMD + 7, cmd::DEVICE_RESET);
+            assert_eq!(r.inb(CMD + 7), 0);
+            assert_eq!((r.inb(CMD + 4), r.inb(CMD + 5), r.inb(CMD + 1)), (0x14, 0xeb, 1));
+            assert_eq!(r.inw(), 0);
+            // Half a packet, then SRST: the drive is usable afterwards.
+            r.outb(CMD + 7, cmd::PACKET);
+            r.bus.write_sync(CMD, &[0, 0]);
+            r.outb(CMD + 0x206, CTL_SRST);
+            r.outb(CMD + 0x206, 0);
+            assert_eq!(r.inb(CMD + 7), 0);
+            r.packet(&[op::TEST_UNIT_READY], 0, false);
+            r.expect_good();
+            // Overlapped PACKET is refused; a disk-only command aborts.
+            r.outb(CMD + 1, 2);
+            r.outb(CMD + 7, cmd::PACKET);
+            assert_eq!(r.inb(CMD + 7), 0x41);
+            r.outb(CMD + 7, cmd::WRITE_DMA);
+            assert_eq!(r.inb(CMD + 7), 0x41);
+            assert_eq!(r.inb(CMD + 1), error::ABRT);
+        }
+
+        #[test]
+        fn snapshot_mid_read_with_lock_and_unit_attention() {
+            let a = Cd::new(Some(8));
+            a.packet(&[op::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1], 0, false);
+            a.expect_good();
+            a.packet(&[op::READ_10, 0, 0, 0, 0, 3, 0, 0, 2], 3000, false);
+            let (_, first) = a.drq_block();
+            let mut got = first;
+            // Half of the second DRQ block is read before the save.
+            assert!(a.irq());
+            let n = usize::from(a.inb(CMD + 4)) | usize::from(a.inb(CMD + 5)) << 8;
+            for _ in 0..100 {
+                got.extend_from_slice(&a.inw().to_le_bytes());
+            }
+            let blob = payload(&*a.ctrl.lock().unwrap());
+            let b = Cd::new(Some(8));
+            assert_prefixes_fail(&*b.ctrl.lock().unwrap(), &blob);
+            load(&mut *b.ctrl.lock().unwrap(), &blob).unwrap();
+            for _ in 100..n / 2 {
+                got.extend_from_slice(&b.inw().to_le_bytes());
+            }
+            b.expect_good();
+            assert_eq!(got, iso(8)[3 * 2048..5 * 2048]);
+            assert!(b.ctrl.lock().unwrap().cdrom(1, 0).unwrap().is_locked());
+            // Restored without a medium: the drive is there, the guest sees the disc gone.
+            let c = Cd::new(None);
+            load(&mut *c.ctrl.lock().unwrap(), &blob).unwrap();
+            assert!(!c.ctrl.lock().unwrap().cdrom(1, 0).unwrap().has_media());
+            // A disk where the CD was: refused.
+            let irqs = Arc::new(RecordingIrqSink::default());
+            let mut d = IdeController::new(
+                Arc::new(TestRam::new(0x1000)),
+                IsaIrq::new(irqs.clone(), 14),
+                IsaIrq::new(irqs, 15),
+            );
+            d.attach(1, 0, Box::new(MemImage::new(iso(8), false)), DriveKind::Disk).unwrap();
+            assert!(load(&mut d, &blob).is_err());
+        }
+
+        #[test]
+        fn queued_atapi_dma_survives_snapshot() {
+            let a = Cd::new(Some(8));
+            let e0 = 0x30000u64 | (2048u64 << 32) | (1 << 63);
+            a.mem.write(0x2000, &e0.to_le_bytes()).unwrap();
+            a.bus.write_sync(BM2 + 4, &0x2000u32.to_le_bytes());
+            a.packet(&[op::READ_10, 0, 0, 0, 0, 6, 0, 0, 1], 0, true);
+            let blob = payload(&*a.ctrl.lock().unwrap());
+            let b = Cd::new(Some(8));
+            load(&mut *b.ctrl.lock().unwrap(), &blob).unwrap();
+            b.mem.write(0x2000, &e0.to_le_bytes()).unwrap();
+            b.outb(BM2, BM_CMD_START | BM_CMD_TO_MEMORY);
+            b.expect_good();
+            let mut m = vec![0u8; 2048];
+            b.mem.read(0x30000, &mut m).unwrap();
+            assert_eq!(m, iso(8)[6 * 2048..7 * 2048]);
+        }
     }
 }
 
