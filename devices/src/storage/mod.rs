@@ -1,5 +1,6 @@
 //! Storage controllers and disk images.
 //!
+//! - [`aio`]: the [`aio::IoEngine`] job queue that runs image I/O off the vCPU threads.
 //! - [`image`]: the [`image::BlockBackend`] trait, raw-file / in-memory images and
 //!   [`image::open_image`].
 //! - [`qcow2`]: qcow2 images (v2/v3, backing chains) on the `imago` crate.
@@ -9,6 +10,7 @@
 //! - [`bmdma`]: SFF-8038i bus-master DMA (PRD walker, step-wise DMA engine).
 //! - [`ide`]: the PIIX3 IDE controller (legacy task-file ports + bus-master block).
 
+pub mod aio;
 pub mod ata;
 pub mod atapi;
 pub mod bmdma;
@@ -16,6 +18,7 @@ pub mod ide;
 pub mod image;
 pub mod qcow2;
 
+pub use aio::{AioError, IoEngine};
 pub use ata::{DiskConfig, DriveKind};
 pub use atapi::{AtapiAction, AtapiDrive, AtapiError, CdConfig};
 pub use ide::{IdeController, IdeError};
