@@ -430,10 +430,7 @@ impl AtaDisk {
     }
 
     fn check_range(&self, lba: u64, count: u32) -> Result<(), AtaError> {
-        match lba.checked_add(u64::from(count)) {
-            Some(end) if end <= self.sectors => Ok(()),
-            _ => Err(AtaError::IdNotFound),
-        }
+        check_range(self.sectors, lba, count)
     }
 
     /// Writes the address of sector `next` back into the registers in the command's addressing
@@ -598,33 +595,91 @@ impl AtaDisk {
 
     /// Reads `buf.len() / 512` sectors at `lba`. Host errors are logged and become ABRT.
     pub fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<(), AtaError> {
-        let n = (buf.len() / SECTOR_SIZE) as u32;
-        self.check_range(lba, n)?;
+        self.sector_io().read_sectors(lba, buf)
+    }
+
+    /// Writes whole sectors at `lba` for the current command; with the write cache disabled or
+    /// a FUA command the write is made durable before it completes.
+    pub fn write_sectors(&self, lba: u64, buf: &[u8]) -> Result<(), AtaError> {
+        self.sector_io().write_sectors(lba, buf)
+    }
+
+    /// [`Self::write_sectors`] with the FUA bit given by the transport (NCQ carries it per
+    /// command). Host errors (EIO, ENOSPC) are logged and become ABRT, as on QEMU.
+    pub fn write_sectors_fua(&self, lba: u64, buf: &[u8], fua: bool) -> Result<(), AtaError> {
+        self.sector_io().write_sectors_fua(lba, buf, fua)
+    }
+
+    pub fn flush(&self) -> Result<(), AtaError> {
+        self.sector_io().flush()
+    }
+
+    /// A detached handle for the current command's sector I/O (image, capacity, write-cache and
+    /// FUA settings as of now), for an I/O worker that runs without the controller lock.
+    pub fn sector_io(&self) -> SectorIo {
+        SectorIo {
+            backend: self.backend.clone(),
+            sectors: self.sectors,
+            write_through: !self.write_cache,
+            fua: self.fua,
+        }
+    }
+}
+
+/// `count` sectors from `lba` lie on a disk of `sectors` sectors (else IDNF).
+fn check_range(sectors: u64, lba: u64, count: u32) -> Result<(), AtaError> {
+    match lba.checked_add(u64::from(count)) {
+        Some(end) if end <= sectors => Ok(()),
+        _ => Err(AtaError::IdNotFound),
+    }
+}
+
+/// Sector I/O of one command, detached from the [`AtaDisk`] (`Send`, cheap to clone): what an
+/// I/O worker calls. Same checks and error mapping as the disk's own methods.
+#[derive(Clone)]
+pub struct SectorIo {
+    backend: Arc<dyn BlockBackend>,
+    sectors: u64,
+    write_through: bool,
+    fua: bool,
+}
+
+impl std::fmt::Debug for SectorIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SectorIo").field("sectors", &self.sectors).field("fua", &self.fua).finish()
+    }
+}
+
+impl SectorIo {
+    fn check_range(&self, lba: u64, n: u32) -> Result<(), AtaError> {
+        check_range(self.sectors, lba, n)
+    }
+
+    /// Reads `buf.len() / 512` sectors at `lba`. Host errors are logged and become ABRT.
+    pub fn read_sectors(&self, lba: u64, buf: &mut [u8]) -> Result<(), AtaError> {
+        self.check_range(lba, (buf.len() / SECTOR_SIZE) as u32)?;
         self.backend.read_at(lba * SECTOR_SIZE as u64, buf).map_err(|e| {
             warn_limited!("ata-read-err", "ata: image read at sector {lba} failed: {e}");
             AtaError::Abort
         })
     }
 
-    /// Writes whole sectors at `lba` for the current command; with the write cache disabled or
-    /// a FUA command the write is made durable before it completes.
+    /// Writes whole sectors at `lba`, durable before returning for a FUA command or with the
+    /// write cache off.
     pub fn write_sectors(&self, lba: u64, buf: &[u8]) -> Result<(), AtaError> {
         self.write_sectors_fua(lba, buf, self.fua)
     }
 
-    /// [`Self::write_sectors`] with the FUA bit given by the transport (NCQ carries it per
-    /// command). Host errors (EIO, ENOSPC) are logged and become ABRT, as on QEMU.
     pub fn write_sectors_fua(&self, lba: u64, buf: &[u8], fua: bool) -> Result<(), AtaError> {
-        let n = (buf.len() / SECTOR_SIZE) as u32;
-        self.check_range(lba, n)?;
-        if self.is_read_only() {
+        self.check_range(lba, (buf.len() / SECTOR_SIZE) as u32)?;
+        if self.backend.is_read_only() {
             return Err(AtaError::Abort);
         }
         self.backend.write_at(lba * SECTOR_SIZE as u64, buf).map_err(|e| {
             warn_limited!("ata-write-err", "ata: image write at sector {lba} failed: {e}");
             AtaError::Abort
         })?;
-        if !self.write_cache || fua {
+        if self.write_through || fua {
             self.flush()?;
         }
         Ok(())

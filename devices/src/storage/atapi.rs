@@ -754,28 +754,22 @@ impl AtapiDrive {
     /// command must end in CHECK CONDITION: sense is set (LBA OUT OF RANGE if the medium went
     /// away or is shorter than asked, MEDIUM ERROR on a host read error).
     pub fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), Sense> {
-        let n = (buf.len() / CD_BLOCK_SIZE) as u64;
-        let s = match &self.media {
-            Some(_) if self.tray_open => Some(Sense::MEDIUM_NOT_PRESENT),
-            None => Some(Sense::MEDIUM_NOT_PRESENT),
-            Some(_) if lba.checked_add(n).is_none_or(|e| e > self.blocks) => Some(Sense::LBA_OUT_OF_RANGE),
-            Some(m) => {
-                match m.read_at(lba * CD_BLOCK_SIZE as u64, &mut buf[..(n as usize) * CD_BLOCK_SIZE]) {
-                    Ok(()) => None,
-                    Err(e) => {
-                        warn_limited!("atapi-read-err", "atapi: image read at block {lba} failed: {e}");
-                        Some(Sense::READ_ERROR)
-                    }
-                }
-            }
-        };
-        match s {
-            None => Ok(()),
-            Some(s) => {
-                self.sense = s;
-                Err(s)
-            }
+        let r = self.reader().read_blocks(lba, buf);
+        if let Err(s) = r {
+            self.sense = s;
         }
+        r
+    }
+
+    /// A detached handle on the current medium for an I/O worker; the transport reports a
+    /// failure back with [`AtapiDrive::set_sense`].
+    pub fn reader(&self) -> CdReader {
+        CdReader { media: if self.tray_open { None } else { self.media.clone() }, blocks: self.blocks }
+    }
+
+    /// Records the sense of a failed [`CdReader::read_blocks`] (before CHECK CONDITION).
+    pub fn set_sense(&mut self, s: Sense) {
+        self.sense = s;
     }
 
     // ---- save/restore (inside the transport's section) ----
@@ -853,6 +847,37 @@ pub struct AtapiState {
     xfer_mode: u8,
     had_media: bool,
     blocks: u64,
+}
+
+/// Medium reads of one command, detached from the [`AtapiDrive`] (`Send`, cheap to clone).
+#[derive(Clone)]
+pub struct CdReader {
+    media: Option<Arc<dyn BlockBackend>>,
+    blocks: u64,
+}
+
+impl std::fmt::Debug for CdReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CdReader")
+            .field("media", &self.media.is_some())
+            .field("blocks", &self.blocks)
+            .finish()
+    }
+}
+
+impl CdReader {
+    /// [`AtapiDrive::read_blocks`] without recording the sense.
+    pub fn read_blocks(&self, lba: u64, buf: &mut [u8]) -> Result<(), Sense> {
+        let n = (buf.len() / CD_BLOCK_SIZE) as u64;
+        let Some(m) = &self.media else { return Err(Sense::MEDIUM_NOT_PRESENT) };
+        if lba.checked_add(n).is_none_or(|e| e > self.blocks) {
+            return Err(Sense::LBA_OUT_OF_RANGE);
+        }
+        m.read_at(lba * CD_BLOCK_SIZE as u64, &mut buf[..(n as usize) * CD_BLOCK_SIZE]).map_err(|e| {
+            warn_limited!("atapi-read-err", "atapi: image read at block {lba} failed: {e}");
+            Sense::READ_ERROR
+        })
+    }
 }
 
 #[cfg(test)]

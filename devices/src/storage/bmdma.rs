@@ -1,18 +1,18 @@
 //! SFF-8038i bus-master DMA: the physical region descriptor (PRD) walker and a step-wise DMA
-//! engine moving sectors between an [`AtaDisk`] and guest RAM.
+//! engine moving sectors between a disk (through its detached [`SectorIo`]) and guest RAM.
 //!
 //! A PRD entry is 8 bytes: u32 buffer address (bit 0 ignored), u16 byte count (bit 0 ignored,
 //! 0 = 64 KiB), u16 flags (bit 15 = end of table). The table is dword aligned and may not cross a
 //! 64 KiB boundary, so at most 8192 entries are ever read: an unterminated or looping table ends
 //! with an error instead of a hang.
 //!
-//! [`DmaEngine::step`] moves at most [`DmaEngine::CHUNK_SECTORS`] sectors per call. The basic IDE
-//! controller loops it to completion inside the guest's bus-master start write; an I/O worker can
-//! call it instead and complete the command later.
+//! [`DmaEngine::step`] moves at most [`DmaEngine::CHUNK_SECTORS`] sectors per call. The engine
+//! holds no reference to the controller, so the IDE controller runs it to completion on its I/O
+//! worker ([`super::aio::IoEngine`]) and completes the command afterwards.
 
 use thiserror::Error;
 
-use super::ata::{AtaDisk, AtaError, SectorXfer, SECTOR_SIZE};
+use super::ata::{AtaError, SectorIo, SectorXfer, SECTOR_SIZE};
 use crate::mem::GuestRam;
 
 /// A bus (host side) failure: the controller sets its error bit.
@@ -119,7 +119,7 @@ impl DmaEngine {
     }
 
     /// Moves the next chunk.
-    pub fn step(&mut self, mem: &dyn GuestRam, disk: &AtaDisk) -> DmaStatus {
+    pub fn step(&mut self, mem: &dyn GuestRam, disk: &SectorIo) -> DmaStatus {
         if self.xfer.count == 0 {
             return DmaStatus::Done;
         }
@@ -148,7 +148,7 @@ impl DmaEngine {
     }
 
     /// Runs to completion (bounded: at most 512 steps of 64 KiB).
-    pub fn run(&mut self, mem: &dyn GuestRam, disk: &AtaDisk) -> Result<(), DmaFailure> {
+    pub fn run(&mut self, mem: &dyn GuestRam, disk: &SectorIo) -> Result<(), DmaFailure> {
         loop {
             match self.step(mem, disk) {
                 DmaStatus::Running => {}

@@ -34,21 +34,41 @@
 //! side is [`super::atapi::AtapiDrive`]; media change through [`IdeController::insert_media`] /
 //! [`IdeController::eject_media`].
 //!
-//! Disk I/O is synchronous in this version: PIO blocks are read/written in the data-register
-//! access that needs them and a DMA command runs to completion inside the bus-master start write
-//! (or the command write, if the engine was started first). The DMA work goes through
-//! [`DmaEngine::step`] so a later version can hand it to a worker and complete it deferred.
+//! Image I/O runs off the vCPU thread, on one [`IoEngine`] worker per channel (`hvmdm-io-ide0`,
+//! `hvmdm-io-ide1`): a DMA command (the PRD walk, guest-memory copies and image I/O), each PIO
+//! DRQ block of READ/WRITE SECTORS/MULTIPLE, FLUSH CACHE and ATAPI medium reads (PIO and DMA). The
+//! register access that starts one only submits a job and returns; meanwhile the drive reads BSY
+//! (DRQ clear) and the bus master Active, and every other register of both channels answers at
+//! once. The job's completion takes the controller lock, sets the final status/error/count
+//! registers and bus-master bits and raises the interrupt exactly as a synchronous command
+//! would. The completion reaches the controller through a `Weak` handle that
+//! [`IdeController::register_legacy`] (or [`IdeController::enable_async`]) installs; a bare
+//! controller without one runs the same jobs synchronously inside the access (unit tests).
+//!
+//! Resets (SRST, DEVICE RESET, EXECUTE DEVICE DIAGNOSTIC, [`IdeController::reset`], detach) drop
+//! the command: each job carries a per-drive generation and a stale completion changes nothing.
+//! The host I/O of a job already running still finishes (as a real drive finishes its sector);
+//! a write it lands was never acknowledged to the guest. Stopping the bus master mid-transfer
+//! clears Active, but the transfer completes (QEMU waits for it at that point instead).
+//!
+//! Locking: completions take the controller lock, so nothing may wait for the engines while
+//! holding it. [`IdeController::drain`] (called by the machine without the lock, before saving
+//! state and at shutdown) waits for all in-flight commands. Paths that run under the lock do not
+//! wait: [`IdeController::flush_all`] flushes what has been acknowledged, `detach` abandons the
+//! drive's command, and a snapshot taken with a command in flight records it as still to be done
+//! and re-issues it on restore (see the save/restore notes).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use thiserror::Error;
 
+use super::aio::IoEngine;
 use super::ata::{
-    cmd, error, status, AtaAction, AtaDisk, AtaError, DiskConfig, DriveKind, SectorXfer, Taskfile,
+    cmd, error, status, AtaAction, AtaDisk, AtaError, DiskConfig, DriveKind, SectorIo, SectorXfer, Taskfile,
     SECTOR_SIZE,
 };
 use super::atapi::{
-    AtapiAction, AtapiDrive, AtapiError, AtapiState, CdConfig, Sense, CDB_LEN, CD_BLOCK_SIZE,
+    AtapiAction, AtapiDrive, AtapiError, AtapiState, CdConfig, CdReader, Sense, CDB_LEN, CD_BLOCK_SIZE,
 };
 use super::bmdma::{DmaEngine, DmaFailure, DmaFault, PrdCursor};
 use super::image::BlockBackend;
@@ -178,8 +198,8 @@ impl CdStream {
         }
     }
 
-    /// The next `n` bytes, reading medium blocks as needed. Fails with the drive's sense set.
-    fn take(&mut self, cd: &mut AtapiDrive, n: usize) -> Result<Vec<u8>, Sense> {
+    /// The next `n` bytes, reading medium blocks as needed. Fails with the sense to report.
+    fn take(&mut self, cd: &CdReader, n: usize) -> Result<Vec<u8>, Sense> {
         let n = n.min(self.remaining());
         while self.pending.len() < n && self.blocks > 0 {
             let want = (n - self.pending.len()).div_ceil(CD_BLOCK_SIZE).min(self.blocks as usize);
@@ -207,7 +227,29 @@ enum Pio {
     Cdb { buf: Vec<u8>, pos: usize, dma: bool, limit: u16 },
     /// ATAPI device-to-host data: `buf` is the current DRQ block, `stream` what follows.
     PacketIn { buf: Vec<u8>, pos: usize, stream: CdStream },
+    /// A job is in flight on the I/O engine (the drive is BSY); what it does, so that a snapshot
+    /// can re-issue it.
+    Busy(Redo),
 }
+
+/// The non-DMA work of a command in flight, as it stood when the job was submitted.
+#[derive(Debug, Clone)]
+enum Redo {
+    /// PIO read: the next DRQ block of `xfer` is being read.
+    DiskRead(SectorXfer),
+    /// PIO write: `buf` (one DRQ block) is being written at `xfer.lba`.
+    DiskWrite { buf: Vec<u8>, xfer: SectorXfer },
+    /// FLUSH CACHE (EXT).
+    Flush,
+    /// ATAPI PIO: the next `n` bytes of `stream` are being read from the medium.
+    CdRead { stream: CdStream, n: usize },
+}
+
+/// Status while a job is in flight: BSY (the other bits are not valid then), DRQ clear.
+const STATUS_IO_BUSY: u8 = status::BSY | status::DRDY | status::DSC;
+/// Jobs a channel may have queued (one live per drive plus ones orphaned by resets) before new
+/// commands fail with ABRT instead of growing the queue behind a stuck image.
+const MAX_QUEUED_JOBS: usize = 16;
 
 #[derive(Debug, Default)]
 struct Drive {
@@ -216,6 +258,8 @@ struct Drive {
     error: u8,
     media: Option<Media>,
     pio: Pio,
+    /// Generation of the job in flight for this drive; a completion with another one is stale.
+    pending: Option<u64>,
 }
 
 impl Drive {
@@ -229,31 +273,128 @@ impl Drive {
             Some(Media::Cdrom(_)) | None => 0,
         };
         self.pio = Pio::Idle;
+        self.pending = None;
     }
 
     fn fail(&mut self, e: AtaError) {
         self.pio = Pio::Idle;
+        self.pending = None;
         self.status = status::DRDY | status::ERR;
         self.error = e.error_bits();
     }
 }
 
-/// What a queued DMA command moves.
-#[derive(Debug)]
+/// What a DMA command moves.
+#[derive(Debug, Clone)]
 enum DmaWork {
     Ata(SectorXfer),
     /// ATAPI data-in (device to memory).
     Atapi(CdStream),
 }
 
-/// A DMA command waiting for (or running under) the bus-master engine.
-#[derive(Debug)]
+/// A DMA command waiting for the bus-master engine, or running (then its drive has a job
+/// pending and this is what a snapshot re-issues).
+#[derive(Debug, Clone)]
 struct DmaJob {
     unit: usize,
     work: DmaWork,
 }
 
-#[derive(Debug)]
+/// A job for the I/O worker: everything it needs, detached from the controller.
+enum Work {
+    DiskDma { io: SectorIo, engine: DmaEngine },
+    CdDma { reader: CdReader, stream: CdStream, prd: u32 },
+    DiskRead { io: SectorIo, xfer: SectorXfer },
+    DiskWrite { io: SectorIo, xfer: SectorXfer, buf: Vec<u8> },
+    Flush { io: SectorIo },
+    CdRead { reader: CdReader, stream: CdStream, n: usize },
+}
+
+/// Why an ATAPI DMA transfer stopped.
+enum CdFailure {
+    Medium(Sense),
+    Bus(DmaFault),
+}
+
+/// A finished job's result, applied under the controller lock.
+enum Done {
+    DiskDma {
+        next_lba: u64,
+        ext: bool,
+        result: Result<(), DmaFailure>,
+    },
+    CdDma(Result<(), CdFailure>),
+    /// `xfer` advanced past the block read.
+    DiskRead {
+        xfer: SectorXfer,
+        result: Result<Vec<u8>, AtaError>,
+    },
+    /// `xfer` advanced past the block written.
+    DiskWrite {
+        xfer: SectorXfer,
+        result: Result<(), AtaError>,
+    },
+    Flush(Result<(), AtaError>),
+    CdRead {
+        stream: CdStream,
+        result: Result<Vec<u8>, Sense>,
+    },
+    /// The engine did not take the job (queue limit, no thread): the command fails.
+    Refused,
+}
+
+/// Runs on the I/O worker, with no lock held.
+fn perform(work: Work, mem: &dyn GuestRam) -> Done {
+    match work {
+        Work::DiskDma { io, mut engine } => {
+            let result = engine.run(mem, &io);
+            Done::DiskDma { next_lba: engine.next_lba(), ext: engine.xfer().ext, result }
+        }
+        Work::CdDma { reader, stream, prd } => Done::CdDma(cd_dma(mem, &reader, stream, prd)),
+        Work::DiskRead { io, mut xfer } => {
+            let n = xfer.block.min(xfer.count);
+            let mut buf = vec![0; n as usize * SECTOR_SIZE];
+            let result = io.read_sectors(xfer.lba, &mut buf).map(|()| buf);
+            if result.is_ok() {
+                xfer.lba += u64::from(n);
+                xfer.count -= n;
+            }
+            Done::DiskRead { xfer, result }
+        }
+        Work::DiskWrite { io, mut xfer, buf } => {
+            let result = io.write_sectors(xfer.lba, &buf);
+            if result.is_ok() {
+                let n = (buf.len() / SECTOR_SIZE) as u32;
+                xfer.lba += u64::from(n);
+                xfer.count = xfer.count.saturating_sub(n);
+            }
+            Done::DiskWrite { xfer, result }
+        }
+        Work::Flush { io } => Done::Flush(io.flush()),
+        Work::CdRead { reader, mut stream, n } => {
+            let result = stream.take(&reader, n);
+            Done::CdRead { stream, result }
+        }
+    }
+}
+
+/// Moves an ATAPI command's data into the PRD buffers, 64 KiB at a time.
+fn cd_dma(mem: &dyn GuestRam, reader: &CdReader, mut stream: CdStream, prd: u32) -> Result<(), CdFailure> {
+    let mut cursor = PrdCursor::new(prd);
+    while stream.remaining() > 0 {
+        let n = stream.remaining().min(DMA_CHUNK);
+        let buf = stream.take(reader, n).map_err(CdFailure::Medium)?;
+        let mut off = 0;
+        while off < buf.len() {
+            let (gpa, len) = cursor.next_segment(mem, buf.len() - off).map_err(CdFailure::Bus)?;
+            mem.write(gpa, &buf[off..off + len])
+                .map_err(|_| CdFailure::Bus(DmaFault::BufferNotRam { gpa, len }))?;
+            off += len;
+        }
+    }
+    Ok(())
+}
+
 struct Channel {
     index: usize,
     drives: [Drive; 2],
@@ -266,10 +407,30 @@ struct Channel {
     bm_status: u8,
     bm_prd: u32,
     dma: Option<DmaJob>,
+    mem: Arc<dyn GuestRam>,
+    engine: Arc<IoEngine>,
+    /// How a job's completion finds the controller; empty for a bare controller (synchronous).
+    ctrl: Weak<Mutex<IdeController>>,
+    /// Last job generation handed out.
+    next_gen: u64,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("index", &self.index)
+            .field("drives", &self.drives)
+            .field("unit", &self.unit)
+            .field("ctl", &self.ctl)
+            .field("bm", &(self.bm_cmd, self.bm_status, self.bm_prd))
+            .field("dma", &self.dma)
+            .field("engine", &self.engine)
+            .finish()
+    }
 }
 
 impl Channel {
-    fn new(index: usize, irq: IsaIrq) -> Self {
+    fn new(index: usize, irq: IsaIrq, mem: Arc<dyn GuestRam>) -> Self {
         Channel {
             index,
             drives: Default::default(),
@@ -282,6 +443,10 @@ impl Channel {
             bm_status: 0,
             bm_prd: 0,
             dma: None,
+            mem,
+            engine: Arc::new(IoEngine::new(&format!("ide{index}"))),
+            ctrl: Weak::new(),
+            next_gen: 0,
         }
     }
 
@@ -308,6 +473,11 @@ impl Channel {
 
     fn empty(&self) -> bool {
         self.drives.iter().all(|d| d.media.is_none())
+    }
+
+    /// Whether the bus master is moving data for a command (its job is in flight).
+    fn dma_in_flight(&self) -> bool {
+        self.dma.as_ref().is_some_and(|j| self.drives[j.unit].pending.is_some())
     }
 
     fn update_irq(&mut self) {
@@ -344,6 +514,207 @@ impl Channel {
         }
     }
 
+    // ---- deferred I/O ----
+
+    /// Hands `work` to the channel's I/O engine; the drive is BSY until [`Self::complete`].
+    fn start_io(&mut self, unit: usize, work: Work) {
+        self.next_gen += 1;
+        let gen = self.next_gen;
+        let d = &mut self.drives[unit];
+        d.pending = Some(gen);
+        d.status = STATUS_IO_BUSY;
+        if self.ctrl.strong_count() == 0 {
+            // A bare controller (not behind the shared handle): run it here.
+            let done = perform(work, &*self.mem);
+            return self.complete(unit, gen, done);
+        }
+        let ch = self.index;
+        if self.engine.in_flight() >= MAX_QUEUED_JOBS {
+            warn_limited!(format!("ide{ch}-queue"), "ide{ch}.{unit}: I/O queue full, command aborted");
+            return self.complete(unit, gen, Done::Refused);
+        }
+        let (ctrl, mem) = (self.ctrl.clone(), self.mem.clone());
+        let job = Box::new(move || {
+            let done = perform(work, &*mem);
+            if let Some(c) = ctrl.upgrade() {
+                c.lock().unwrap_or_else(|p| p.into_inner()).channels[ch].complete(unit, gen, done);
+            }
+        });
+        if let Err(e) = self.engine.submit(job) {
+            log::error!("ide{ch}.{unit}: {e}");
+            self.complete(unit, gen, Done::Refused);
+        }
+    }
+
+    /// Starts the non-DMA job `redo` for `unit` (also used to re-issue one after a restore).
+    fn start_redo(&mut self, unit: usize, redo: Redo) {
+        let d = &mut self.drives[unit];
+        let work = match (&d.media, &redo) {
+            (Some(Media::Disk(disk)), Redo::DiskRead(x)) => Work::DiskRead { io: disk.sector_io(), xfer: *x },
+            (Some(Media::Disk(disk)), Redo::DiskWrite { buf, xfer }) => {
+                Work::DiskWrite { io: disk.sector_io(), xfer: *xfer, buf: buf.clone() }
+            }
+            (Some(Media::Disk(disk)), Redo::Flush) => Work::Flush { io: disk.sector_io() },
+            (Some(Media::Cdrom(cd)), Redo::CdRead { stream, n }) => {
+                Work::CdRead { reader: cd.reader(), stream: stream.clone(), n: *n }
+            }
+            _ => return,
+        };
+        d.pio = Pio::Busy(redo);
+        self.start_io(unit, work);
+    }
+
+    /// Runs the queued DMA command on the I/O engine (bus master started, command issued).
+    fn start_dma(&mut self) {
+        let Some(job) = &self.dma else { return };
+        let unit = job.unit;
+        if self.drives[unit].pending.is_some() {
+            return;
+        }
+        let ch = self.index;
+        let to_memory = self.bm_cmd & BM_CMD_TO_MEMORY != 0;
+        let work = match (&job.work, &self.drives[unit].media) {
+            (DmaWork::Ata(x), Some(Media::Disk(disk))) => {
+                if to_memory == x.write {
+                    warn_limited!(
+                        format!("ide{ch}-bm-dir"),
+                        "ide{ch}: bus-master direction bit disagrees with the command; following the command"
+                    );
+                }
+                Work::DiskDma { io: disk.sector_io(), engine: DmaEngine::new(*x, self.bm_prd) }
+            }
+            (DmaWork::Atapi(stream), Some(Media::Cdrom(cd))) => {
+                if !to_memory {
+                    warn_limited!(
+                        format!("ide{ch}-bm-dir"),
+                        "ide{ch}: bus-master direction bit disagrees with the command; following the command"
+                    );
+                }
+                Work::CdDma { reader: cd.reader(), stream: stream.clone(), prd: self.bm_prd }
+            }
+            _ => {
+                self.dma = None;
+                return;
+            }
+        };
+        self.start_io(unit, work);
+    }
+
+    /// Applies a job's result: final registers and the interrupt. Stale results (the drive was
+    /// reset or the job re-issued since) change nothing.
+    fn complete(&mut self, unit: usize, gen: u64, done: Done) {
+        let ch = self.index;
+        let d = &mut self.drives[unit];
+        if d.pending != Some(gen) {
+            log::debug!("ide{ch}.{unit}: dropping the completion of an abandoned command");
+            return;
+        }
+        d.pending = None;
+        d.pio = Pio::Idle;
+        match done {
+            Done::DiskDma { next_lba, ext, result } => {
+                self.dma = None;
+                let d = &mut self.drives[unit];
+                let Some(Media::Disk(disk)) = &d.media else { return };
+                disk.set_address(&mut d.tf, next_lba, ext);
+                match result {
+                    Ok(()) => d.status = status::DRDY | status::DSC,
+                    Err(DmaFailure::Device(e)) => d.fail(e),
+                    Err(DmaFailure::Bus(f)) => {
+                        warn_limited!(format!("ide{ch}-dma-fault"), "ide{ch}.{unit}: DMA failed: {f}");
+                        self.bm_status |= BM_ST_ERROR;
+                        d.fail(AtaError::Abort);
+                    }
+                }
+                self.bm_status &= !BM_ST_ACTIVE;
+                self.raise_irq();
+            }
+            Done::CdDma(result) => {
+                self.dma = None;
+                let failed = match result {
+                    Ok(()) => false,
+                    Err(CdFailure::Medium(s)) => {
+                        if let Some(Media::Cdrom(cd)) = &mut self.drives[unit].media {
+                            cd.set_sense(s);
+                        }
+                        true
+                    }
+                    Err(CdFailure::Bus(f)) => {
+                        warn_limited!(format!("ide{ch}-dma-fault"), "ide{ch}.{unit}: ATAPI DMA failed: {f}");
+                        self.bm_status |= BM_ST_ERROR;
+                        // Sense stays "no sense": the error register reads ABRT.
+                        true
+                    }
+                };
+                self.bm_status &= !BM_ST_ACTIVE;
+                self.packet_done(unit, failed);
+            }
+            Done::DiskRead { xfer, result } => {
+                let Some(Media::Disk(disk)) = &d.media else { return };
+                match result {
+                    Ok(buf) => {
+                        disk.set_address(&mut d.tf, xfer.lba, xfer.ext);
+                        d.pio = Pio::In { buf, pos: 0, rest: Some(xfer) };
+                        d.status = status::DRDY | status::DSC | status::DRQ;
+                    }
+                    Err(e) => d.fail(e),
+                }
+                self.raise_irq();
+            }
+            Done::DiskWrite { xfer, result } => {
+                let Some(Media::Disk(disk)) = &d.media else { return };
+                match result {
+                    Ok(()) => {
+                        disk.set_address(&mut d.tf, xfer.lba, xfer.ext);
+                        if xfer.count > 0 {
+                            let n = xfer.block.min(xfer.count) as usize;
+                            d.pio = Pio::Out { buf: vec![0; n * SECTOR_SIZE], pos: 0, xfer };
+                            d.status = status::DRDY | status::DSC | status::DRQ;
+                        } else {
+                            d.status = status::DRDY | status::DSC;
+                        }
+                    }
+                    Err(e) => d.fail(e),
+                }
+                self.raise_irq();
+            }
+            Done::Flush(result) => {
+                match result {
+                    Ok(()) => d.status = status::DRDY | status::DSC,
+                    Err(e) => d.fail(e),
+                }
+                self.raise_irq();
+            }
+            Done::CdRead { stream, result } => match result {
+                Ok(buf) => self.packet_pio_block(unit, buf, stream),
+                Err(s) => {
+                    if let Some(Media::Cdrom(cd)) = &mut d.media {
+                        cd.set_sense(s);
+                    }
+                    self.packet_done(unit, true);
+                }
+            },
+            Done::Refused => {
+                if self.dma.as_ref().is_some_and(|j| j.unit == unit) {
+                    self.dma = None;
+                    self.bm_status &= !BM_ST_ACTIVE;
+                }
+                let d = &mut self.drives[unit];
+                match &mut d.media {
+                    Some(Media::Cdrom(cd)) => {
+                        cd.set_sense(Sense::READ_ERROR);
+                        self.packet_done(unit, true);
+                    }
+                    Some(Media::Disk(_)) => {
+                        d.fail(AtaError::Abort);
+                        self.raise_irq();
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
     // ---- command block ----
 
     fn read_reg(&mut self, reg: u64) -> u8 {
@@ -376,7 +747,7 @@ impl Channel {
         }
     }
 
-    fn write_reg(&mut self, mem: &dyn GuestRam, reg: u64, v: u8) {
+    fn write_reg(&mut self, reg: u64, v: u8) {
         // Any command-block write clears HOB (ATA-6 device control).
         self.ctl &= !CTL_HOB;
         // Both devices latch task-file writes; only the selected one executes commands.
@@ -394,12 +765,37 @@ impl Channel {
         }
         match reg {
             6 => self.unit = usize::from(v >> 4 & 1),
-            7 => self.exec_command(mem, v),
+            7 => self.exec_command(v),
             _ => {}
         }
     }
 
-    fn exec_command(&mut self, mem: &dyn GuestRam, command: u8) {
+    /// A DMA command for `unit` while the bus master is busy with another drive's fails (one
+    /// engine per channel).
+    fn queue_dma(&mut self, unit: usize, work: DmaWork) {
+        let ch = self.index;
+        if self.dma_in_flight() {
+            warn_limited!(
+                format!("ide{ch}-dma-busy"),
+                "ide{ch}.{unit}: DMA command while the bus master is busy"
+            );
+            match &self.drives[unit].media {
+                Some(Media::Cdrom(_)) => self.packet_done(unit, true),
+                _ => {
+                    self.drives[unit].fail(AtaError::Abort);
+                    self.raise_irq();
+                }
+            }
+            return;
+        }
+        self.drives[unit].status = status::DRDY | status::DSC | status::DRQ;
+        self.dma = Some(DmaJob { unit, work });
+        if self.bm_cmd & BM_CMD_START != 0 {
+            self.start_dma();
+        }
+    }
+
+    fn exec_command(&mut self, command: u8) {
         let ch = self.index;
         let unit = self.unit;
         let d = &mut self.drives[unit];
@@ -424,6 +820,10 @@ impl Channel {
             Media::Disk(disk) => disk,
             Media::Cdrom(_) => return self.exec_packet_device_command(command),
         };
+        if matches!(command, cmd::FLUSH_CACHE | cmd::FLUSH_CACHE_EXT) {
+            // fdatasync can take long: on the worker.
+            return self.start_redo(unit, Redo::Flush);
+        }
         match disk.execute(&mut d.tf) {
             Ok(AtaAction::Complete) => {
                 d.status = status::DRDY | status::DSC;
@@ -443,20 +843,14 @@ impl Channel {
                 self.dma = None;
                 self.raise_irq();
             }
-            Ok(AtaAction::Transfer(x)) if x.dma => {
-                d.status = status::DRDY | status::DSC | status::DRQ;
-                self.dma = Some(DmaJob { unit, work: DmaWork::Ata(x) });
-                if self.bm_cmd & BM_CMD_START != 0 {
-                    self.run_dma(mem);
-                }
-            }
+            Ok(AtaAction::Transfer(x)) if x.dma => self.queue_dma(unit, DmaWork::Ata(x)),
             Ok(AtaAction::Transfer(x)) if x.write => {
                 let n = x.block.min(x.count) as usize;
                 d.pio = Pio::Out { buf: vec![0; n * SECTOR_SIZE], pos: 0, xfer: x };
                 // The first block of a PIO write is requested without an interrupt.
                 d.status = status::DRDY | status::DSC | status::DRQ;
             }
-            Ok(AtaAction::Transfer(x)) => self.pio_in_next_block(x),
+            Ok(AtaAction::Transfer(x)) => self.start_redo(unit, Redo::DiskRead(x)),
             Err(e) => {
                 d.fail(e);
                 self.raise_irq();
@@ -489,11 +883,15 @@ impl Channel {
                 self.raise_irq();
             }
             cmd::DEVICE_RESET => {
-                // Aborts whatever the device was doing; posts the signature, no interrupt.
+                // Aborts whatever the device was doing (a job in flight becomes stale); posts the
+                // signature, no interrupt.
                 if self.dma.as_ref().is_some_and(|j| j.unit == unit) {
+                    if self.dma_in_flight() {
+                        self.bm_status &= !BM_ST_ACTIVE;
+                    }
                     self.dma = None;
                 }
-                d.post_signature();
+                self.drives[unit].post_signature();
             }
             cmd::EXECUTE_DEVICE_DIAGNOSTIC => {
                 for dr in &mut self.drives {
@@ -542,6 +940,7 @@ impl Channel {
     fn packet_done(&mut self, unit: usize, check_condition: bool) {
         let d = &mut self.drives[unit];
         d.pio = Pio::Idle;
+        d.pending = None;
         d.tf.count = (d.tf.count & !(IREASON_COD | IREASON_IO)) | IREASON_COD | IREASON_IO;
         if check_condition {
             d.error = match &d.media {
@@ -557,7 +956,7 @@ impl Channel {
     }
 
     /// The command packet is complete: run it and start its data phase.
-    fn run_packet(&mut self, mem: &dyn GuestRam, cdb: &[u8], dma: bool, limit: u16) {
+    fn run_packet(&mut self, cdb: &[u8], dma: bool, limit: u16) {
         let unit = self.unit;
         let d = &mut self.drives[unit];
         let Some(Media::Cdrom(cd)) = &mut d.media else { return };
@@ -572,17 +971,14 @@ impl Channel {
         if dma {
             d.pio = Pio::Idle;
             d.tf.count = (d.tf.count & !(IREASON_COD | IREASON_IO)) | IREASON_IO;
-            d.status = status::DRDY | status::DSC | status::DRQ;
-            self.dma = Some(DmaJob { unit, work: DmaWork::Atapi(stream) });
-            if self.bm_cmd & BM_CMD_START != 0 {
-                self.run_dma(mem);
-            }
+            self.queue_dma(unit, DmaWork::Atapi(stream));
         } else {
             self.packet_pio_next(unit, stream);
         }
     }
 
-    /// Loads the next PIO DRQ block of a packet command, or ends it.
+    /// Loads the next PIO DRQ block of a packet command (on the worker if the medium must be
+    /// read), or ends it.
     fn packet_pio_next(&mut self, unit: usize, mut stream: CdStream) {
         let d = &mut self.drives[unit];
         let Some(Media::Cdrom(cd)) = &mut d.media else { return };
@@ -590,10 +986,22 @@ impl Channel {
             return self.packet_done(unit, false);
         }
         let n = stream.pio_chunk();
-        let buf = match stream.take(cd, n) {
-            Ok(b) => b,
-            Err(_) => return self.packet_done(unit, true),
-        };
+        if stream.pending.len() < n {
+            return self.start_redo(unit, Redo::CdRead { stream, n });
+        }
+        match stream.take(&cd.reader(), n) {
+            Ok(buf) => self.packet_pio_block(unit, buf, stream),
+            Err(s) => {
+                cd.set_sense(s);
+                self.packet_done(unit, true)
+            }
+        }
+    }
+
+    /// Offers `buf` as the next ATAPI DRQ block (byte count in LBA mid/high), with an interrupt.
+    fn packet_pio_block(&mut self, unit: usize, buf: Vec<u8>, stream: CdStream) {
+        let d = &mut self.drives[unit];
+        let n = buf.len();
         d.tf.lba_mid = n as u8;
         d.tf.lba_high = (n >> 8) as u8;
         d.tf.count = (d.tf.count & !(IREASON_COD | IREASON_IO)) | IREASON_IO;
@@ -602,28 +1010,10 @@ impl Channel {
         self.raise_irq();
     }
 
-    /// Loads the next DRQ block of a PIO read, or finishes the command.
-    fn pio_in_next_block(&mut self, mut x: SectorXfer) {
-        let d = &mut self.drives[self.unit];
-        let Some(Media::Disk(disk)) = &d.media else { return };
-        let n = x.block.min(x.count);
-        let mut buf = vec![0; n as usize * SECTOR_SIZE];
-        if let Err(e) = disk.read_sectors(x.lba, &mut buf) {
-            d.fail(e);
-            self.raise_irq();
-            return;
-        }
-        x.lba += u64::from(n);
-        x.count -= n;
-        disk.set_address(&mut d.tf, x.lba, x.ext);
-        d.pio = Pio::In { buf, pos: 0, rest: Some(x) };
-        d.status = status::DRDY | status::DSC | status::DRQ;
-        self.raise_irq();
-    }
-
     fn data_read(&mut self, out: &mut [u8]) {
         out.fill(0);
-        let d = &mut self.drives[self.unit];
+        let unit = self.unit;
+        let d = &mut self.drives[unit];
         if d.media.is_none() || d.status & status::DRQ == 0 {
             return;
         }
@@ -634,7 +1024,7 @@ impl Channel {
             *pos += n;
             if *pos >= buf.len() {
                 let stream = std::mem::take(stream);
-                self.packet_pio_next(self.unit, stream);
+                self.packet_pio_next(unit, stream);
             }
             return;
         }
@@ -649,7 +1039,7 @@ impl Channel {
             return;
         }
         match rest.take() {
-            Some(x) if x.count > 0 => self.pio_in_next_block(x),
+            Some(x) if x.count > 0 => self.start_redo(unit, Redo::DiskRead(x)),
             // Last block read: no interrupt at the end of a PIO data-in command.
             _ => {
                 d.pio = Pio::Idle;
@@ -658,8 +1048,9 @@ impl Channel {
         }
     }
 
-    fn data_write(&mut self, mem: &dyn GuestRam, data: &[u8]) {
-        let d = &mut self.drives[self.unit];
+    fn data_write(&mut self, data: &[u8]) {
+        let unit = self.unit;
+        let d = &mut self.drives[unit];
         if d.media.is_none() || d.status & status::DRQ == 0 {
             return;
         }
@@ -670,7 +1061,7 @@ impl Channel {
             if *pos >= buf.len() {
                 let (cdb, dma, limit) = (std::mem::take(buf), *dma, *limit);
                 d.pio = Pio::Idle;
-                self.run_packet(mem, &cdb, dma, limit);
+                self.run_packet(&cdb, dma, limit);
             }
             return;
         }
@@ -684,27 +1075,9 @@ impl Channel {
         if *pos < buf.len() {
             return;
         }
-        let mut x = *xfer;
-        let buf = std::mem::take(buf);
-        let Some(Media::Disk(disk)) = &d.media else { return };
-        let done = (buf.len() / SECTOR_SIZE) as u32;
-        if let Err(e) = disk.write_sectors(x.lba, &buf) {
-            d.fail(e);
-            self.raise_irq();
-            return;
-        }
-        x.lba += u64::from(done);
-        x.count -= done;
-        disk.set_address(&mut d.tf, x.lba, x.ext);
-        if x.count > 0 {
-            let n = x.block.min(x.count) as usize;
-            d.pio = Pio::Out { buf: vec![0; n * SECTOR_SIZE], pos: 0, xfer: x };
-            d.status = status::DRDY | status::DSC | status::DRQ;
-        } else {
-            d.pio = Pio::Idle;
-            d.status = status::DRDY | status::DSC;
-        }
-        self.raise_irq();
+        // The block is complete: BSY while the worker writes it.
+        let redo = Redo::DiskWrite { buf: std::mem::take(buf), xfer: *xfer };
+        self.start_redo(unit, redo);
     }
 
     fn read_cmd_block(&mut self, offset: u64, data: &mut [u8]) {
@@ -729,9 +1102,9 @@ impl Channel {
         }
     }
 
-    fn write_cmd_block(&mut self, mem: &dyn GuestRam, offset: u64, data: &[u8]) {
+    fn write_cmd_block(&mut self, offset: u64, data: &[u8]) {
         if offset == 0 && data.len() >= 2 {
-            return self.data_write(mem, data);
+            return self.data_write(data);
         }
         for (i, b) in data.iter().enumerate() {
             let reg = offset + i as u64;
@@ -742,7 +1115,7 @@ impl Channel {
                     self.index
                 );
             } else if reg < CMD_BLOCK_LEN {
-                self.write_reg(mem, reg, *b);
+                self.write_reg(reg, *b);
             }
         }
     }
@@ -761,11 +1134,13 @@ impl Channel {
         let old = self.ctl;
         self.ctl = v;
         if v & CTL_SRST != 0 && old & CTL_SRST == 0 {
-            // Reset asserted: abort whatever runs; drives stay busy until it is released.
+            // Reset asserted: abort whatever runs (a job in flight becomes stale); drives stay
+            // busy until it is released.
             self.dma = None;
             self.bm_status &= !BM_ST_ACTIVE;
             for d in &mut self.drives {
                 d.pio = Pio::Idle;
+                d.pending = None;
                 if d.media.is_some() {
                     d.status = status::BSY;
                 }
@@ -792,19 +1167,17 @@ impl Channel {
         }
     }
 
-    fn bm_write(&mut self, mem: &dyn GuestRam, reg: u64, v: u8) {
+    fn bm_write(&mut self, reg: u64, v: u8) {
         match reg {
             0 => {
                 let was = self.bm_cmd & BM_CMD_START;
                 self.bm_cmd = v & (BM_CMD_START | BM_CMD_TO_MEMORY);
                 if v & BM_CMD_START != 0 && was == 0 {
                     self.bm_status |= BM_ST_ACTIVE;
-                    if self.dma.is_some() {
-                        self.run_dma(mem);
-                    }
+                    self.start_dma();
                 } else if v & BM_CMD_START == 0 && was != 0 {
-                    // Stop. A synchronous transfer has already finished by now; a pending
-                    // command stays queued until the engine is started again.
+                    // Stop. A transfer in flight still completes (status, interrupt); a command
+                    // not started yet stays queued until the engine is started again.
                     self.bm_status &= !BM_ST_ACTIVE;
                 }
             }
@@ -821,81 +1194,6 @@ impl Channel {
             _ => {}
         }
     }
-
-    /// Runs the queued DMA command to completion (synchronously, in this version).
-    fn run_dma(&mut self, mem: &dyn GuestRam) {
-        let Some(job) = self.dma.take() else { return };
-        let xfer = match job.work {
-            DmaWork::Ata(x) => x,
-            DmaWork::Atapi(stream) => return self.run_atapi_dma(mem, job.unit, stream),
-        };
-        let ch = self.index;
-        let to_memory = self.bm_cmd & BM_CMD_TO_MEMORY != 0;
-        if to_memory == xfer.write {
-            warn_limited!(
-                format!("ide{ch}-bm-dir"),
-                "ide{ch}: bus-master direction bit disagrees with the command; following the command"
-            );
-        }
-        let mut engine = DmaEngine::new(xfer, self.bm_prd);
-        let d = &mut self.drives[job.unit];
-        let Some(Media::Disk(disk)) = &d.media else { return };
-        let result = engine.run(mem, disk);
-        disk.set_address(&mut d.tf, engine.next_lba(), xfer.ext);
-        match result {
-            Ok(()) => {
-                d.status = status::DRDY | status::DSC;
-            }
-            Err(DmaFailure::Device(e)) => d.fail(e),
-            Err(DmaFailure::Bus(f)) => {
-                warn_limited!(format!("ide{ch}-dma-fault"), "ide{ch}.{}: DMA failed: {f}", job.unit);
-                self.bm_status |= BM_ST_ERROR;
-                d.fail(AtaError::Abort);
-            }
-        }
-        self.bm_status &= !BM_ST_ACTIVE;
-        self.raise_irq();
-    }
-
-    /// Moves an ATAPI command's data into the PRD buffers, 64 KiB at a time, and ends it.
-    fn run_atapi_dma(&mut self, mem: &dyn GuestRam, unit: usize, mut stream: CdStream) {
-        let ch = self.index;
-        if self.bm_cmd & BM_CMD_TO_MEMORY == 0 {
-            warn_limited!(
-                format!("ide{ch}-bm-dir"),
-                "ide{ch}: bus-master direction bit disagrees with the command; following the command"
-            );
-        }
-        let mut cursor = PrdCursor::new(self.bm_prd);
-        let Some(Media::Cdrom(cd)) = &mut self.drives[unit].media else { return };
-        let mut failed = false;
-        while stream.remaining() > 0 && !failed {
-            let n = stream.remaining().min(DMA_CHUNK);
-            let Ok(buf) = stream.take(cd, n) else {
-                failed = true;
-                break;
-            };
-            let mut off = 0;
-            while off < buf.len() {
-                let seg = cursor.next_segment(mem, buf.len() - off).and_then(|(gpa, len)| {
-                    mem.write(gpa, &buf[off..off + len]).map_err(|_| DmaFault::BufferNotRam { gpa, len })?;
-                    Ok(len)
-                });
-                match seg {
-                    Ok(len) => off += len,
-                    Err(f) => {
-                        warn_limited!(format!("ide{ch}-dma-fault"), "ide{ch}.{unit}: ATAPI DMA failed: {f}");
-                        self.bm_status |= BM_ST_ERROR;
-                        // Sense stays "no sense": the error register reads ABRT.
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-        }
-        self.bm_status &= !BM_ST_ACTIVE;
-        self.packet_done(unit, failed);
-    }
 }
 
 /// Bytes per ATAPI DMA step (the disk engine's bounce-buffer size).
@@ -903,7 +1201,6 @@ const DMA_CHUNK: usize = DmaEngine::CHUNK_SECTORS as usize * SECTOR_SIZE;
 
 /// The PIIX3 IDE function's device side: both channels and the bus-master block.
 pub struct IdeController {
-    mem: Arc<dyn GuestRam>,
     channels: [Channel; 2],
 }
 
@@ -916,17 +1213,54 @@ impl std::fmt::Debug for IdeController {
 impl IdeController {
     /// `irq14`/`irq15` are the primary/secondary channel lines.
     pub fn new(mem: Arc<dyn GuestRam>, irq14: IsaIrq, irq15: IsaIrq) -> Self {
-        let mut c = IdeController { mem, channels: [Channel::new(0, irq14), Channel::new(1, irq15)] };
+        let mut c =
+            IdeController { channels: [Channel::new(0, irq14, mem.clone()), Channel::new(1, irq15, mem)] };
         c.reset();
         c
     }
 
-    /// Maps the four legacy regions (see the module table) on the port-I/O bus.
+    /// Maps the four legacy regions (see the module table) on the port-I/O bus, and makes
+    /// image I/O asynchronous ([`Self::enable_async`]).
     pub fn register_legacy(this: &Arc<Mutex<IdeController>>, pio: &Bus) -> Result<(), BusError> {
+        Self::enable_async(this);
         for (base, len, rules, id) in LEGACY_REGIONS {
             pio.insert(base, len, rules, this.clone(), id)?;
         }
         Ok(())
+    }
+
+    /// Lets I/O jobs complete through `this`: from now on commands that touch an image run on
+    /// the channel's I/O engine. Without it (a bare controller) they run inside the access.
+    pub fn enable_async(this: &Arc<Mutex<IdeController>>) {
+        let weak = Arc::downgrade(this);
+        for ch in &mut this.lock().unwrap_or_else(|p| p.into_inner()).channels {
+            ch.ctrl = weak.clone();
+        }
+    }
+
+    /// Replaces the channels' I/O engines (e.g. with [`IoEngine::manual`] ones for
+    /// deterministic fuzzing). Call with nothing in flight.
+    pub fn set_io_engines(&mut self, primary: Arc<IoEngine>, secondary: Arc<IoEngine>) {
+        self.channels[0].engine = primary;
+        self.channels[1].engine = secondary;
+    }
+
+    /// Waits until every command in flight has completed (status set, interrupt raised). Takes
+    /// the lock only to find the engines: call it WITHOUT holding the controller lock (the
+    /// completions need it), before saving state, final flushes, detaching and shutdown.
+    pub fn drain(this: &Arc<Mutex<IdeController>>) {
+        let engines: Vec<Arc<IoEngine>> = {
+            let c = this.lock().unwrap_or_else(|p| p.into_inner());
+            c.channels.iter().map(|ch| ch.engine.clone()).collect()
+        };
+        for e in engines {
+            e.drain();
+        }
+    }
+
+    /// Whether some drive has a command in flight on an I/O engine.
+    pub fn io_busy(&self) -> bool {
+        self.channels.iter().any(|ch| ch.drives.iter().any(|d| d.pending.is_some()))
     }
 
     fn slot(&self, channel: usize, drive: usize) -> Result<(), IdeError> {
@@ -1030,7 +1364,9 @@ impl IdeController {
     }
 
     /// Removes a drive (Xen PV unplug), flushing its image first, and returns the image (none
-    /// for an empty CD-ROM drive). The slot then reads as absent.
+    /// for an empty CD-ROM drive). The slot then reads as absent. A command in flight for the
+    /// drive is abandoned (its host I/O may still land after the flush, but was never
+    /// acknowledged); call [`Self::drain`] first, without the lock, to let it finish.
     pub fn detach(
         &mut self,
         channel: usize,
@@ -1042,6 +1378,9 @@ impl IdeController {
             return Err(IdeError::Empty { channel, drive });
         };
         if ch.dma.as_ref().is_some_and(|j| j.unit == drive) {
+            if ch.dma_in_flight() {
+                ch.bm_status &= !BM_ST_ACTIVE;
+            }
             ch.dma = None;
         }
         let d = &mut ch.drives[drive];
@@ -1055,7 +1394,9 @@ impl IdeController {
         Ok(Some(backend))
     }
 
-    /// Flushes every attached image (before save, shutdown or unplug).
+    /// Flushes every attached image (before save, shutdown or unplug). Does not wait for
+    /// commands in flight (it runs under the controller lock): what they write has not been
+    /// acknowledged yet. [`Self::drain`] first makes the flush cover them.
     pub fn flush_all(&self) -> Result<(), IdeError> {
         for (c, ch) in self.channels.iter().enumerate() {
             for (i, d) in ch.drives.iter().enumerate() {
@@ -1115,10 +1456,9 @@ impl BusDevice for IdeController {
     }
 
     fn write(&mut self, region: RegionId, offset: u64, data: &[u8]) -> IoResult {
-        let mem = &*self.mem;
         match region {
             REGION_PRIMARY_CMD | REGION_SECONDARY_CMD => {
-                self.channels[region / 2].write_cmd_block(mem, offset, data);
+                self.channels[region / 2].write_cmd_block(offset, data);
             }
             REGION_PRIMARY_CTL | REGION_SECONDARY_CTL => {
                 if let Some(v) = data.first() {
@@ -1129,7 +1469,7 @@ impl BusDevice for IdeController {
                 for (i, b) in data.iter().enumerate() {
                     let off = offset + i as u64;
                     if let Some(ch) = self.channels.get_mut((off / 8) as usize) {
-                        ch.bm_write(mem, off % 8, *b);
+                        ch.bm_write(off % 8, *b);
                     }
                 }
             }
@@ -1141,7 +1481,7 @@ impl BusDevice for IdeController {
     }
 }
 
-// ---- save/restore: section "ide", version 2 ----
+// ---- save/restore: section "ide", version 3 ----
 //
 // Saved per channel: selected unit, device control, pending interrupt, bus-master registers and a
 // DMA command armed but not started (ATA sectors, or an ATAPI data stream); per drive: what the
@@ -1149,13 +1489,18 @@ impl BusDevice for IdeController {
 // block with position, and the rest of the transfer; for ATAPI also a half-written command packet)
 // and the device's settable state (disk parameters; CD sense, lock, tray, unit attention, event).
 // Attached images are configuration: the stream must match which slots hold a disk (and their
-// size) or a CD-ROM drive; a CD medium that differs from the saved one becomes a media change. In
-// this version DMA runs to completion inside the access that starts it, so a quiesced controller
-// (vCPUs stopped, no access in progress) never has a transfer in flight; an asynchronous engine
-// would have to drain before saving.
+// size) or a CD-ROM drive; a CD medium that differs from the saved one becomes a media change.
 //
-// Version 1 (no ATAPI) is still read: it had a presence flag where version 2 has the slot kind
-// (0/1 mean the same) and no DMA kind tag.
+// Commands in flight on the I/O engine: the machine drains before saving ([`IdeController::drain`]),
+// so normally there are none. If one is (a save under the lock cannot wait for it), it is saved
+// as still to be done and re-issued on restore: a DMA command as the queued job with the bus
+// master started (a state that otherwise never persists), a PIO block, flush or ATAPI medium
+// read as PIO state 5 with what the job was given. Re-doing it is safe: reads are repeated,
+// writes rewrite the same data from the same place. The source's own job still completes.
+//
+// Version 3 added PIO state 5. Version 2 and version 1 (no ATAPI) are still read: version 1
+// had a presence flag where later versions have the slot kind (0/1 mean the same) and no DMA
+// kind tag.
 
 /// Largest PIO block: READ/WRITE MULTIPLE with the maximum multiple count, or an ATAPI DRQ block.
 const MAX_PIO_BLOCK: usize = DEFAULT_BYTE_LIMIT + 1;
@@ -1300,6 +1645,26 @@ fn put_pio(w: &mut SectionWriter, pio: &Pio) {
             w.put_u32(*pos as u32);
             put_stream(w, stream);
         }
+        Pio::Busy(redo) => {
+            w.put_u8(5);
+            match redo {
+                Redo::DiskRead(x) => {
+                    w.put_u8(0);
+                    put_xfer(w, x);
+                }
+                Redo::DiskWrite { buf, xfer } => {
+                    w.put_u8(1);
+                    w.put_bytes(buf);
+                    put_xfer(w, xfer);
+                }
+                Redo::Flush => w.put_u8(2),
+                Redo::CdRead { stream, n } => {
+                    w.put_u8(3);
+                    put_stream(w, stream);
+                    w.put_u32(*n as u32);
+                }
+            }
+        }
     }
 }
 
@@ -1327,6 +1692,19 @@ fn get_pio(r: &mut SectionReader<'_>) -> Result<Pio, SnapshotError> {
             let pos = r.get_u32()? as usize;
             Pio::PacketIn { buf, pos, stream: get_stream(r)? }
         }
+        5 => Pio::Busy(match r.get_u8()? {
+            0 => Redo::DiskRead(get_xfer(r)?),
+            1 => {
+                let buf = r.get_bytes(MAX_PIO_BLOCK)?;
+                Redo::DiskWrite { buf, xfer: get_xfer(r)? }
+            }
+            2 => Redo::Flush,
+            3 => {
+                let stream = get_stream(r)?;
+                Redo::CdRead { stream, n: r.get_u32()? as usize }
+            }
+            t => return Err(r.bad(format!("pending I/O kind {t}"))),
+        }),
         t => return Err(r.bad(format!("PIO state {t}"))),
     })
 }
@@ -1349,6 +1727,15 @@ fn pio_ok(media: &Media, pio: &Pio) -> bool {
         (Media::Cdrom(_), Pio::In { buf, pos, rest: None }) => buf.len() == SECTOR_SIZE && *pos <= buf.len(),
         (Media::Cdrom(_), Pio::Cdb { buf, pos, .. }) => buf.len() == CDB_LEN && *pos < CDB_LEN,
         (Media::Cdrom(_), Pio::PacketIn { buf, pos, .. }) => !buf.is_empty() && *pos < buf.len(),
+        (Media::Disk(disk), Pio::Busy(Redo::DiskRead(x))) => xfer_ok(disk, x, false, Some(false), 1),
+        (Media::Disk(disk), Pio::Busy(Redo::DiskWrite { buf, xfer })) => {
+            xfer_ok(disk, xfer, false, Some(true), 1)
+                && buf.len() == xfer.block.min(xfer.count) as usize * SECTOR_SIZE
+        }
+        (Media::Disk(_), Pio::Busy(Redo::Flush)) => true,
+        (Media::Cdrom(_), Pio::Busy(Redo::CdRead { stream, n })) => {
+            (1..=MAX_PIO_BLOCK).contains(n) && *n <= stream.remaining()
+        }
         _ => false,
     }
 }
@@ -1473,6 +1860,8 @@ impl Channel {
         self.bm_prd = st.bm_prd;
         self.dma = st.dma;
         for (d, s) in self.drives.iter_mut().zip(st.drives) {
+            // Whatever this controller had in flight is superseded by the restored state.
+            d.pending = None;
             d.tf = s.tf;
             d.status = s.status;
             d.error = s.error;
@@ -1490,6 +1879,16 @@ impl Channel {
             self.irq_level = level;
             self.irq.set_level(level);
         }
+        // Re-issue what was in flight when the state was saved.
+        for unit in 0..2 {
+            if let Pio::Busy(redo) = &self.drives[unit].pio {
+                let redo = redo.clone();
+                self.start_redo(unit, redo);
+            }
+        }
+        if self.bm_cmd & BM_CMD_START != 0 && self.dma.is_some() {
+            self.start_dma();
+        }
     }
 }
 
@@ -1498,7 +1897,7 @@ impl Snapshot for IdeController {
         "ide"
     }
     fn section_version(&self) -> u32 {
-        2
+        3
     }
     fn save(&self, w: &mut SectionWriter) {
         for ch in &self.channels {
@@ -1506,8 +1905,8 @@ impl Snapshot for IdeController {
         }
     }
     fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
-        if version != 1 {
-            check_version(r, version, 2)?;
+        if !(1..=2).contains(&version) {
+            check_version(r, version, 3)?;
         }
         let a = self.channels[0].decode_state(version, r)?;
         let b = self.channels[1].decode_state(version, r)?;
@@ -1560,29 +1959,38 @@ mod tests {
             r.ctrl.lock().unwrap().attach(0, 0, Box::new(img), DriveKind::Disk).unwrap();
             r
         }
+        /// Waits for the I/O engines: the port helpers below call it after every access, so
+        /// the tests written against synchronous I/O see each command's completion at once.
+        fn drain(&self) {
+            IdeController::drain(&self.ctrl);
+        }
+        fn write(&self, port: u64, data: &[u8]) {
+            self.bus.write_sync(port, data);
+            self.drain();
+        }
+        fn read<const N: usize>(&self, port: u64) -> [u8; N] {
+            let mut d = [0u8; N];
+            self.bus.read_sync(port, &mut d);
+            self.drain();
+            d
+        }
         fn outb(&self, port: u64, v: u8) {
-            self.bus.write_sync(port, &[v]);
+            self.write(port, &[v]);
         }
         fn inb(&self, port: u64) -> u8 {
-            let mut d = [0u8; 1];
-            self.bus.read_sync(port, &mut d);
-            d[0]
+            self.read::<1>(port)[0]
         }
         fn inw(&self, port: u64) -> u16 {
-            let mut d = [0u8; 2];
-            self.bus.read_sync(port, &mut d);
-            u16::from_le_bytes(d)
+            u16::from_le_bytes(self.read(port))
         }
         fn outw(&self, port: u64, v: u16) {
-            self.bus.write_sync(port, &v.to_le_bytes());
+            self.write(port, &v.to_le_bytes());
         }
         fn inl(&self, port: u64) -> u32 {
-            let mut d = [0u8; 4];
-            self.bus.read_sync(port, &mut d);
-            u32::from_le_bytes(d)
+            u32::from_le_bytes(self.read(port))
         }
         fn outl(&self, port: u64, v: u32) {
-            self.bus.write_sync(port, &v.to_le_bytes());
+            self.write(port, &v.to_le_bytes());
         }
         /// Sets up an LBA28 command on the primary master and issues it.
         fn lba28(&self, command: u8, lba: u32, count: u8) {
@@ -2330,7 +2738,7 @@ mod tests {
                 assert_eq!(self.inb(CMD + 2) & 3, IREASON_COD);
                 assert!(!self.irq(), "no interrupt before the packet");
                 for w in c.chunks(2) {
-                    self.bus.write_sync(CMD, w);
+                    self.write(CMD, w);
                 }
             }
             /// Reads one DRQ block: (bytes announced, data, interrupt reason).
