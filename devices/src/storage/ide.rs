@@ -2671,6 +2671,428 @@ mod tests {
         }
     }
 
+    /// Deferred completion: a backend that blocks until the test opens its gate.
+    mod deferred {
+        use super::*;
+        use std::sync::Condvar;
+        use std::time::{Duration, Instant};
+
+        #[derive(Default)]
+        struct GateState {
+            open: bool,
+            /// Names of the threads that entered the backend, in order.
+            entered: Vec<String>,
+        }
+
+        struct Gated {
+            img: MemImage,
+            st: Mutex<GateState>,
+            cv: Condvar,
+        }
+
+        impl Gated {
+            fn new(bytes: Vec<u8>) -> Arc<Self> {
+                Arc::new(Gated { img: MemImage::new(bytes, false), st: Mutex::default(), cv: Condvar::new() })
+            }
+            fn enter(&self) {
+                let mut st = self.st.lock().unwrap();
+                st.entered.push(std::thread::current().name().unwrap_or("?").to_string());
+                self.cv.notify_all();
+                while !st.open {
+                    st = self.cv.wait(st).unwrap();
+                }
+            }
+            /// Waits (bounded) until `n` requests have reached the backend.
+            fn wait_entered(&self, n: usize) -> Vec<String> {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut st = self.st.lock().unwrap();
+                while st.entered.len() < n {
+                    let left = deadline.checked_duration_since(Instant::now()).expect("I/O never started");
+                    st = self.cv.wait_timeout(st, left).unwrap().0;
+                }
+                st.entered.clone()
+            }
+            fn set_open(&self, open: bool) {
+                self.st.lock().unwrap().open = open;
+                self.cv.notify_all();
+            }
+        }
+
+        impl BlockBackend for Gated {
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+                self.enter();
+                self.img.read_at(offset, buf)
+            }
+            fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+                self.enter();
+                self.img.write_at(offset, buf)
+            }
+            fn flush(&self) -> Result<(), BlockError> {
+                self.enter();
+                self.img.flush()
+            }
+            fn len(&self) -> u64 {
+                self.img.len()
+            }
+            fn is_read_only(&self) -> bool {
+                false
+            }
+        }
+
+        /// Opens the gate when dropped, so a failing test unwinds instead of hanging in the
+        /// engine's join. Declare it after the rig (dropped first).
+        struct OpenOnDrop(Arc<Gated>);
+        impl Drop for OpenOnDrop {
+            fn drop(&mut self) {
+                self.0.set_open(true);
+            }
+        }
+
+        const SECTORS: usize = 256;
+
+        /// Primary master on a gated image, secondary master on a plain one.
+        fn rig() -> (Rig, Arc<Gated>) {
+            let r = Rig::new();
+            let g = Gated::new(pattern(SECTORS));
+            let mut c = r.ctrl.lock().unwrap();
+            c.attach_with_config(0, 0, g.clone(), DriveKind::Disk, DiskConfig::default()).unwrap();
+            c.attach(1, 0, Box::new(MemImage::new(pattern(SECTORS), false)), DriveKind::Disk).unwrap();
+            drop(c);
+            (r, g)
+        }
+
+        impl Rig {
+            fn raw_outb(&self, port: u64, v: u8) {
+                self.bus.write_sync(port, &[v]);
+            }
+            fn raw_inb(&self, port: u64) -> u8 {
+                let mut d = [0u8];
+                self.bus.read_sync(port, &mut d);
+                d[0]
+            }
+            fn raw_inw(&self, port: u64) -> u16 {
+                let mut d = [0u8; 2];
+                self.bus.read_sync(port, &mut d);
+                u16::from_le_bytes(d)
+            }
+            /// LBA28 command on the primary master without waiting for anything.
+            fn raw_lba28(&self, command: u8, lba: u32, count: u8) {
+                for (port, v) in [
+                    (0x1f6, 0xe0 | (lba >> 24) as u8 & 0xf),
+                    (0x1f2, count),
+                    (0x1f3, lba as u8),
+                    (0x1f4, (lba >> 8) as u8),
+                    (0x1f5, (lba >> 16) as u8),
+                    (0x1f7, command),
+                ] {
+                    self.raw_outb(port, v);
+                }
+            }
+            fn drain_channel(&self, ch: usize) {
+                let e = self.ctrl.lock().unwrap().channels[ch].engine.clone();
+                e.drain();
+            }
+        }
+
+        /// The other channel works normally while the primary's image is stuck.
+        fn secondary_still_works(r: &Rig) {
+            r.raw_outb(0x176, 0xe0);
+            r.raw_outb(0x172, 1);
+            r.raw_outb(0x173, 7);
+            r.raw_outb(0x174, 0);
+            r.raw_outb(0x175, 0);
+            r.raw_outb(0x177, cmd::READ_SECTORS);
+            r.drain_channel(1);
+            assert!(r.irqs.isa_level(15));
+            assert_eq!(r.raw_inb(0x177), 0x58);
+            let got: Vec<u8> = (0..256).flat_map(|_| r.raw_inw(0x170).to_le_bytes()).collect();
+            assert_eq!(got, pattern(SECTORS)[7 * 512..8 * 512]);
+            assert_eq!(r.raw_inb(0x177), 0x50);
+        }
+
+        #[test]
+        fn dma_read_in_flight_leaves_registers_responsive() {
+            let (r, g) = rig();
+            let _open = OpenOnDrop(g.clone());
+            r.write_prd(0x1000, &[(0x10000, 0, false), (0x20000, 0x2000, true)]);
+            r.raw_outb(BM + 4, 0x00);
+            r.raw_outb(BM + 5, 0x10);
+            r.raw_lba28(cmd::READ_DMA, 3, 136);
+            assert_eq!(r.raw_inb(0x1f7), 0x58, "DMA armed, waiting for the bus master");
+            let t = Instant::now();
+            r.raw_outb(BM, BM_CMD_START | BM_CMD_TO_MEMORY);
+            let who = g.wait_entered(1);
+            assert_eq!(who, ["hvmdm-io-ide0"], "the image is read on the channel's worker");
+            // The job is blocked inside the image: the guest still gets answers.
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            assert_eq!(r.raw_inb(0x3f6) & (status::BSY | status::DRQ), status::BSY);
+            assert_eq!(r.raw_inb(BM + 2) & (BM_ST_ACTIVE | BM_ST_INTERRUPT), BM_ST_ACTIVE);
+            assert_eq!(r.raw_inw(0x1f0), 0, "no data while busy");
+            assert!(!r.irq14());
+            assert!(r.ctrl.lock().unwrap().io_busy());
+            // A command to the busy drive is ignored.
+            r.raw_outb(0x1f7, cmd::IDENTIFY_DEVICE);
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            secondary_still_works(&r);
+            assert!(t.elapsed() < Duration::from_secs(5));
+            g.set_open(true);
+            r.drain();
+            assert!(!r.ctrl.lock().unwrap().io_busy());
+            assert!(r.irq14(), "completion raises IRQ 14");
+            assert_eq!(r.raw_inb(BM + 2) & (BM_ST_ACTIVE | BM_ST_INTERRUPT | BM_ST_ERROR), BM_ST_INTERRUPT);
+            assert_eq!(r.raw_inb(0x1f7), 0x50);
+            assert!(!r.irq14());
+            let mut m = vec![0u8; 136 * 512];
+            r.mem.read(0x10000, &mut m[..0x10000]).unwrap();
+            r.mem.read(0x20000, &mut m[0x10000..]).unwrap();
+            assert_eq!(m, pattern(SECTORS)[3 * 512..139 * 512]);
+            // The registers point past the transfer.
+            assert_eq!(r.raw_inb(0x1f3), 139);
+        }
+
+        #[test]
+        fn pio_read_and_write_blocks_complete_deferred() {
+            let (r, g) = rig();
+            let _open = OpenOnDrop(g.clone());
+            r.raw_lba28(cmd::READ_SECTORS, 10, 2);
+            g.wait_entered(1);
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            assert_eq!(r.raw_inw(0x1f0), 0, "data reads while BSY return 0 and do not advance");
+            assert!(!r.irq14());
+            secondary_still_works(&r);
+            g.set_open(true);
+            r.drain();
+            assert!(r.irq14());
+            assert_eq!(r.pio_read16(2), pattern(SECTORS)[10 * 512..12 * 512]);
+            assert_eq!(r.inb(0x1f7), 0x50);
+            // Write: BSY after the block is filled, until the image has it.
+            g.set_open(false);
+            r.raw_lba28(cmd::WRITE_SECTORS, 20, 1);
+            assert_eq!(r.raw_inb(0x1f7), 0x58);
+            for _ in 0..256 {
+                r.bus.write_sync(0x1f0, &0xa55au16.to_le_bytes());
+            }
+            g.wait_entered(2);
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            assert!(!r.irq14());
+            // FLUSH CACHE is ignored while busy, then runs on the worker too.
+            g.set_open(true);
+            r.drain();
+            assert!(r.irq14());
+            assert_eq!(r.inb(0x1f7), 0x50);
+            assert_eq!(&g.img.contents()[20 * 512..21 * 512], &[0x5a, 0xa5].repeat(256)[..]);
+            g.set_open(false);
+            r.raw_lba28(cmd::FLUSH_CACHE, 0, 0);
+            let who = g.wait_entered(3);
+            assert_eq!(who[2], "hvmdm-io-ide0");
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            g.set_open(true);
+            r.drain();
+            assert_eq!(r.inb(0x1f7), 0x50);
+            assert_eq!(g.img.flush_count(), 1);
+        }
+
+        #[test]
+        fn reset_during_a_job_makes_its_completion_stale() {
+            let (r, g) = rig();
+            let _open = OpenOnDrop(g.clone());
+            // DMA write in flight, then SRST.
+            r.mem.write(0x8000, &[0x77; 512]).unwrap();
+            r.write_prd(0x1000, &[(0x8000, 512, true)]);
+            r.raw_outb(BM + 4, 0x00);
+            r.raw_outb(BM + 5, 0x10);
+            r.raw_lba28(cmd::WRITE_DMA, 30, 1);
+            r.raw_outb(BM, BM_CMD_START);
+            g.wait_entered(1);
+            r.raw_outb(0x3f6, CTL_SRST);
+            assert_eq!(r.raw_inb(0x3f6), status::BSY);
+            r.raw_outb(0x3f6, 0);
+            assert_eq!(r.raw_inb(0x1f7), 0x50, "signature posted while the old job still runs");
+            assert_eq!(r.raw_inb(BM + 2) & BM_ST_ACTIVE, 0);
+            g.set_open(true);
+            r.drain();
+            // The stale completion changed nothing; the host write itself did finish.
+            assert!(!r.irq14());
+            assert_eq!(r.inb(BM + 2) & (BM_ST_INTERRUPT | BM_ST_ERROR), 0);
+            assert_eq!((r.inb(0x1f1), r.inb(0x1f2), r.inb(0x1f3)), (1, 1, 1));
+            assert_eq!(&g.img.contents()[30 * 512..31 * 512], &[0x77; 512][..]);
+            // Machine reset during a PIO read; then the drive works normally.
+            g.set_open(false);
+            r.outb(BM, 0);
+            r.raw_lba28(cmd::READ_SECTORS, 40, 1);
+            g.wait_entered(2);
+            r.ctrl.lock().unwrap().reset();
+            g.set_open(true);
+            r.drain();
+            assert!(!r.irq14());
+            assert_eq!(r.inb(0x1f7), 0x50);
+            assert_eq!(r.inw(0x1f0), 0, "no data from the abandoned read");
+            r.lba28(cmd::READ_SECTORS, 41, 1);
+            assert_eq!(r.pio_read16(1), pattern(SECTORS)[41 * 512..42 * 512]);
+        }
+
+        #[test]
+        fn a_stuck_image_cannot_grow_the_queue() {
+            let (r, g) = rig();
+            let _open = OpenOnDrop(g.clone());
+            // Each SRST orphans the job in flight; the next command queues another.
+            for i in 0..MAX_QUEUED_JOBS {
+                r.raw_lba28(cmd::READ_SECTORS, 0, 1);
+                assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY, "command {i}");
+                r.raw_outb(0x3f6, CTL_SRST);
+                r.raw_outb(0x3f6, 0);
+            }
+            g.wait_entered(1);
+            r.raw_lba28(cmd::READ_SECTORS, 0, 1);
+            assert!(r.irq14());
+            assert_eq!((r.raw_inb(0x1f7), r.raw_inb(0x1f1)), (0x41, error::ABRT));
+            g.set_open(true);
+            r.drain();
+            r.lba28(cmd::READ_SECTORS, 2, 1);
+            assert_eq!(r.pio_read16(1), pattern(SECTORS)[2 * 512..3 * 512]);
+        }
+
+        /// A snapshot taken while a command is in flight (the save cannot wait under the lock)
+        /// records it as still to be done; the restored controller re-issues it.
+        #[test]
+        fn snapshot_with_a_job_in_flight_reissues_it() {
+            use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+            type Setup = fn(&Rig);
+            type Check = fn(&Rig);
+            let prd = |r: &Rig| {
+                r.write_prd(0x1000, &[(0x30000, 1024, true)]);
+                r.bus.write_sync(BM + 4, &0x1000u32.to_le_bytes());
+            };
+            let cases: [(&str, Setup, Check); 4] = [
+                (
+                    "dma read",
+                    |r| {
+                        r.write_prd(0x1000, &[(0x30000, 1024, true)]);
+                        r.bus.write_sync(BM + 4, &0x1000u32.to_le_bytes());
+                        r.raw_lba28(cmd::READ_DMA, 50, 2);
+                        r.raw_outb(BM, BM_CMD_START | BM_CMD_TO_MEMORY);
+                    },
+                    |r| {
+                        assert_eq!(r.inb(BM + 2) & (BM_ST_ACTIVE | BM_ST_INTERRUPT), BM_ST_INTERRUPT);
+                        let mut m = vec![0u8; 1024];
+                        r.mem.read(0x30000, &mut m).unwrap();
+                        assert_eq!(m, pattern(SECTORS)[50 * 512..52 * 512]);
+                    },
+                ),
+                (
+                    "pio read",
+                    |r| r.raw_lba28(cmd::READ_SECTORS, 60, 1),
+                    |r| {
+                        assert_eq!(r.inb(0x3f6), 0x58);
+                        assert_eq!(r.pio_read16(1), pattern(SECTORS)[60 * 512..61 * 512]);
+                    },
+                ),
+                (
+                    "pio write",
+                    |r| {
+                        r.raw_lba28(cmd::WRITE_SECTORS, 70, 1);
+                        for _ in 0..256 {
+                            r.bus.write_sync(0x1f0, &0x1234u16.to_le_bytes());
+                        }
+                    },
+                    |r| {
+                        r.lba28(cmd::READ_SECTORS, 70, 1);
+                        assert_eq!(r.pio_read16(1), [0x34, 0x12].repeat(256));
+                    },
+                ),
+                ("flush", |r| r.raw_lba28(cmd::FLUSH_CACHE_EXT, 0, 0), |_| {}),
+            ];
+            for (name, setup, check) in cases {
+                let (a, g) = rig();
+                let _open = OpenOnDrop(g.clone());
+                setup(&a);
+                g.wait_entered(1);
+                let blob = payload(&*a.ctrl.lock().unwrap());
+                assert_eq!(a.raw_inb(0x1f7), STATUS_IO_BUSY, "{name}: still in flight after the save");
+                let b = Rig::with_disk(MemImage::new(pattern(SECTORS), false));
+                b.ctrl
+                    .lock()
+                    .unwrap()
+                    .attach(1, 0, Box::new(MemImage::new(pattern(SECTORS), false)), DriveKind::Disk)
+                    .unwrap();
+                prd(&b);
+                assert_prefixes_fail(&*b.ctrl.lock().unwrap(), &blob);
+                load(&mut *b.ctrl.lock().unwrap(), &blob).unwrap();
+                b.drain();
+                assert!(b.irq14(), "{name}: the re-issued command completes with its interrupt");
+                assert_eq!(b.inb(0x1f7) & !status::DRQ, 0x50, "{name}");
+                check(&b);
+                // The source finishes on its own once its image answers.
+                g.set_open(true);
+                a.drain();
+                assert!(a.irq14(), "{name}: source completion");
+            }
+        }
+
+        #[test]
+        fn atapi_reads_complete_deferred() {
+            let r = Rig::new();
+            let blocks = 40;
+            let iso: Vec<u8> = (0..blocks * CD_BLOCK_SIZE).map(|i| (i * 3 + i / 2048) as u8).collect();
+            let g = Gated::new(iso.clone());
+            let _open = OpenOnDrop(g.clone());
+            let media: Arc<dyn BlockBackend> = g.clone();
+            r.ctrl.lock().unwrap().attach_cdrom(0, 0, Some(media), CdConfig::default()).unwrap();
+            let packet = |cdb: &[u8], limit: u16, dma: bool| {
+                r.raw_outb(0x1f6, 0xa0);
+                r.raw_outb(0x1f1, u8::from(dma));
+                r.raw_outb(0x1f4, limit as u8);
+                r.raw_outb(0x1f5, (limit >> 8) as u8);
+                r.raw_outb(0x1f7, cmd::PACKET);
+                let mut c = [0u8; 12];
+                c[..cdb.len()].copy_from_slice(cdb);
+                for w in c.chunks(2) {
+                    r.bus.write_sync(0x1f0, w);
+                }
+            };
+            let read10 = |lba: u8, n: u8| [0x28, 0, 0, 0, 0, lba, 0, 0, n];
+            // PIO: the first DRQ block needs a medium read.
+            packet(&read10(2, 1), 2048, false);
+            g.wait_entered(1);
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            assert!(!r.irq14());
+            g.set_open(true);
+            r.drain();
+            assert!(r.irq14());
+            assert_eq!(r.inb(0x1f7), 0x58);
+            let got: Vec<u8> = (0..1024).flat_map(|_| r.inw(0x1f0).to_le_bytes()).collect();
+            assert_eq!(got, iso[2 * 2048..3 * 2048]);
+            assert_eq!(r.inb(0x1f7), 0x50);
+            // DMA.
+            g.set_open(false);
+            r.outb(BM + 2, BM_ST_INTERRUPT | BM_ST_ERROR);
+            r.write_prd(0x1000, &[(0x40000, 4096, true)]);
+            r.bus.write_sync(BM + 4, &0x1000u32.to_le_bytes());
+            packet(&read10(5, 2), 0, true);
+            assert_eq!(r.raw_inb(0x1f7), 0x58);
+            r.raw_outb(BM, BM_CMD_START | BM_CMD_TO_MEMORY);
+            g.wait_entered(2);
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            assert_eq!(r.raw_inb(BM + 2) & BM_ST_ACTIVE, BM_ST_ACTIVE);
+            // DEVICE RESET is accepted while busy and abandons the command.
+            r.raw_outb(0x1f7, cmd::DEVICE_RESET);
+            assert_eq!(r.raw_inb(0x1f7), 0);
+            g.set_open(true);
+            r.drain();
+            assert!(!r.irq14(), "the abandoned DMA does not interrupt");
+            assert_eq!(r.inb(BM + 2) & (BM_ST_ACTIVE | BM_ST_INTERRUPT), 0);
+            // Again, to completion.
+            r.outb(BM, 0);
+            packet(&read10(5, 2), 0, true);
+            r.outb(BM, BM_CMD_START | BM_CMD_TO_MEMORY);
+            assert!(r.irq14());
+            assert_eq!(r.inb(0x1f7), 0x50);
+            let mut m = vec![0u8; 4096];
+            r.mem.read(0x40000, &mut m).unwrap();
+            assert_eq!(m, iso[5 * 2048..7 * 2048]);
+        }
+    }
+
     /// The original failure mode, kept as a check that the device does not half-consume an
     /// access the bus rejects: a flattened `rep insw` leaves the whole IDENTIFY block pending.
     #[test]
