@@ -13,6 +13,11 @@
 //! - after every operation the drive still answers: DEVICE RESET then TEST UNIT READY ends with
 //!   status 50h (good) or 41h with sense key NOT READY / UNIT ATTENTION in the error register;
 //! - a saved state always loads into an identically configured controller.
+//!
+//! Image I/O runs on manual `IoEngine`s (deterministic): jobs complete when the harness drains,
+//! after every operation unless the input said `Hold(true)`, so commands can also be left in
+//! flight across data-port accesses, resets, DEVICE RESET, media changes and snapshots (a
+//! snapshot with a job in flight re-issues it in the fresh controller).
 #![no_main]
 
 use std::sync::{Arc, Mutex};
@@ -26,7 +31,7 @@ use hvmdm_devices::storage::ata::{cmd, DriveKind};
 use hvmdm_devices::storage::ide::{
     IdeController, IdeError, BUS_MASTER_LEN, BUS_MASTER_RULES, REGION_BUS_MASTER,
 };
-use hvmdm_devices::storage::{BlockBackend, BlockError, CdConfig, MemImage};
+use hvmdm_devices::storage::{BlockBackend, BlockError, CdConfig, IoEngine, MemImage};
 use libfuzzer_sys::fuzz_target;
 
 const RAM_SIZE: u64 = 0x2_0000;
@@ -118,6 +123,7 @@ enum Op {
     Eject { force: bool },
     Reset,
     Snapshot,
+    Hold(bool),
 }
 
 struct Rig {
@@ -126,6 +132,8 @@ struct Rig {
     ram: Arc<TestRam>,
     media: Vec<Arc<Watched>>,
     slave: bool,
+    /// Jobs stay in flight after operations (until `Hold(false)` or the final check).
+    hold: bool,
 }
 
 fn controller(ram: &Arc<TestRam>) -> IdeController {
@@ -140,7 +148,11 @@ impl Rig {
         let bus = Bus::new("pio");
         IdeController::register_legacy(&ctrl, &bus).expect("legacy ports");
         bus.insert(BM, BUS_MASTER_LEN, BUS_MASTER_RULES, ctrl.clone(), REGION_BUS_MASTER).expect("bm");
-        let mut rig = Rig { bus, ctrl, ram, media: Vec::new(), slave };
+        ctrl.lock()
+            .unwrap()
+            .set_io_engines(Arc::new(IoEngine::manual("ide0")), Arc::new(IoEngine::manual("ide1")))
+            .expect("nothing in flight yet");
+        let mut rig = Rig { bus, ctrl, ram, media: Vec::new(), slave, hold: false };
         let m = medium.map(|c| rig.medium(c) as Arc<dyn BlockBackend>);
         rig.attach(&mut rig.ctrl.lock().unwrap(), m);
         rig
@@ -164,6 +176,9 @@ impl Rig {
 
     fn outb(&self, port: u64, v: u8) {
         self.bus.write_sync(port, &[v]);
+        if !self.hold {
+            IdeController::drain(&self.ctrl);
+        }
     }
     fn inb(&self, port: u64) -> u8 {
         let mut d = [0u8];
@@ -179,7 +194,9 @@ impl Rig {
     }
 
     /// DEVICE RESET and TEST UNIT READY on the CD: it must answer.
-    fn check_alive(&self) {
+    fn check_alive(&mut self) {
+        self.hold = false;
+        IdeController::drain(&self.ctrl);
         self.outb(CTL, 0);
         self.outb(CMD + 6, 0xa0);
         self.outb(CMD + 7, cmd::DEVICE_RESET);
@@ -190,6 +207,7 @@ impl Rig {
         for _ in 0..6 {
             self.bus.write_sync(CMD, &[0, 0]);
         }
+        IdeController::drain(&self.ctrl);
         let st = self.inb(CMD + 7);
         let err = self.inb(CMD + 1);
         let ok = st == 0x50 || (st == 0x41 && matches!(err >> 4, 2 | 6));
@@ -293,7 +311,14 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
                 let st = fresh.decode(fresh.section_version(), &mut r).expect("own state decodes");
                 r.finish().expect("all consumed");
                 fresh.apply(st).expect("applies");
+                drop(c);
+                // The fresh controller is bare: a re-issued job ran inside apply.
+                assert!(!fresh.io_busy(), "re-issued work left in flight on a bare controller");
             }
+            Op::Hold(h) => rig.hold = h,
+        }
+        if !rig.hold {
+            IdeController::drain(&rig.ctrl);
         }
         rig.check_media();
     }

@@ -21,6 +21,11 @@
 //! - an SRST pulse leaves the master's signature (count 1, LBA 1/0/0, error 01, status 50h);
 //! - IRQ 14 is low while nIEN is set and right after a status-register read; the empty secondary
 //!   channel never raises IRQ 15 and reads 0 in every register.
+//!
+//! Image I/O runs on manual `IoEngine`s (no threads, deterministic), drained right after every
+//! access inside that access's bookkeeping window, so each command's deferred completion is
+//! attributed to the access that started it. (The in-flight states themselves are exercised by
+//! the `atapi` target and the unit tests.)
 #![no_main]
 
 use std::sync::{Arc, Mutex};
@@ -31,7 +36,7 @@ use hvmdm_devices::irq::{IrqEvent, IsaIrq, RecordingIrqSink};
 use hvmdm_devices::mem::{GuestRam, TestRam};
 use hvmdm_devices::storage::ata::{cmd, DiskConfig, DriveKind};
 use hvmdm_devices::storage::ide::{IdeController, BUS_MASTER_LEN, BUS_MASTER_RULES, REGION_BUS_MASTER};
-use hvmdm_devices::storage::{BlockBackend, BlockError, MemImage};
+use hvmdm_devices::storage::{BlockBackend, BlockError, IoEngine, MemImage};
 use libfuzzer_sys::fuzz_target;
 
 /// 128 KiB: one 64 KiB boundary inside RAM and an end that tables and buffers can run past.
@@ -362,6 +367,10 @@ impl Rig {
         IdeController::register_legacy(&ctrl, &bus).expect("legacy ports");
         bus.insert(BM, BUS_MASTER_LEN, BUS_MASTER_RULES, ctrl.clone(), REGION_BUS_MASTER)
             .expect("bus master");
+        ctrl.lock()
+            .unwrap()
+            .set_io_engines(Arc::new(IoEngine::manual("ide0")), Arc::new(IoEngine::manual("ide1")))
+            .expect("nothing in flight yet");
         let pattern = |n: usize, salt: u8| -> Vec<u8> {
             (0..n).map(|i| (i as u8).wrapping_mul(31) ^ (i >> 9) as u8 ^ salt).collect()
         };
@@ -435,6 +444,8 @@ impl Rig {
     /// A guest read: device state may change (status read lowers the IRQ, data reads advance).
     fn read(&mut self, port: u64, n: usize) -> Vec<u8> {
         let d = self.raw_in(port, n);
+        // A data read can start the next PIO block's job.
+        IdeController::drain(&self.ctrl);
         self.disk_write_ok = false;
         self.after_op("read");
         // Secondary channel: nothing attached, every register reads 0 (8-bit reads of the data
@@ -472,6 +483,7 @@ impl Rig {
             self.ctl[1] = data[0];
         }
         self.bus.write_sync(port, data);
+        IdeController::drain(&self.ctrl);
         if let Some((ram, prds)) = before {
             self.check_dma(&ram, prds, port, data);
         }

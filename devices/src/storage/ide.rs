@@ -140,6 +140,8 @@ pub enum IdeError {
     NotCdrom { channel: usize, drive: usize },
     #[error("the CD-ROM tray of IDE slot {channel}:{drive} is locked by the guest")]
     Locked { channel: usize, drive: usize },
+    #[error("IDE I/O is in flight")]
+    Busy,
 }
 
 /// What occupies a slot: an ATA disk, or an ATAPI CD-ROM drive (with or without a medium).
@@ -1239,10 +1241,19 @@ impl IdeController {
     }
 
     /// Replaces the channels' I/O engines (e.g. with [`IoEngine::manual`] ones for
-    /// deterministic fuzzing). Call with nothing in flight.
-    pub fn set_io_engines(&mut self, primary: Arc<IoEngine>, secondary: Arc<IoEngine>) {
+    /// deterministic fuzzing). Refused with [`IdeError::Busy`] while jobs are queued: dropping
+    /// an engine runs its jobs, whose completions need the lock the caller holds.
+    pub fn set_io_engines(
+        &mut self,
+        primary: Arc<IoEngine>,
+        secondary: Arc<IoEngine>,
+    ) -> Result<(), IdeError> {
+        if self.channels.iter().any(|ch| ch.engine.in_flight() > 0) {
+            return Err(IdeError::Busy);
+        }
         self.channels[0].engine = primary;
         self.channels[1].engine = secondary;
+        Ok(())
     }
 
     /// Waits until every command in flight has completed (status set, interrupt raised). Takes
@@ -2929,6 +2940,20 @@ mod tests {
             assert_eq!(r.inw(0x1f0), 0, "no data from the abandoned read");
             r.lba28(cmd::READ_SECTORS, 41, 1);
             assert_eq!(r.pio_read16(1), pattern(SECTORS)[41 * 512..42 * 512]);
+        }
+
+        #[test]
+        fn manual_engines_hold_jobs_until_drained() {
+            let r = Rig::with_disk(MemImage::new(pattern(64), false));
+            let manual = || Arc::new(IoEngine::manual("m"));
+            r.ctrl.lock().unwrap().set_io_engines(manual(), manual()).unwrap();
+            r.raw_lba28(cmd::READ_SECTORS, 1, 1);
+            assert_eq!(r.raw_inb(0x1f7), STATUS_IO_BUSY);
+            assert!(!r.irq14());
+            assert!(matches!(r.ctrl.lock().unwrap().set_io_engines(manual(), manual()), Err(IdeError::Busy)));
+            r.drain();
+            assert!(r.irq14());
+            assert_eq!(r.pio_read16(1), pattern(64)[512..1024]);
         }
 
         #[test]
