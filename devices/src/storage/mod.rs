@@ -5,7 +5,9 @@
 //!   shared by IDE now and AHCI later.
 //! - [`bmdma`]: SFF-8038i bus-master DMA (PRD walker, step-wise DMA engine).
 //! - [`ide`]: the PIIX3 IDE controller (legacy task-file ports + bus-master block).
+//! - [`ahci`]: the ICH9 AHCI controller (command lists, FISes, PRDTs, NCQ, MSI).
 
+pub mod ahci;
 pub mod ata;
 pub mod bmdma;
 pub mod ide;
