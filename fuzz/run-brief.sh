@@ -19,7 +19,7 @@ esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root" || exit 2
 
-targets=(fw_cfg_dma pci_config bus_rules ide_regs_prd qmp_session dm_argv ioreq)
+targets=(fw_cfg_dma pci_config bus_rules ide_regs_prd ahci qmp_session dm_argv ioreq)
 CARGO_FUZZ_VERSION=0.13.2
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
