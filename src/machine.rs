@@ -14,7 +14,7 @@ use hvmdm_devices::chipset::{
 use hvmdm_devices::fw_cfg::{self, FileOpts, FwCfg, PcItems};
 use hvmdm_devices::irq::{IrqSink, IsaIrq};
 use hvmdm_devices::mem::GuestRam;
-use hvmdm_devices::pci::{devfn, PciIntx, PciMsi};
+use hvmdm_devices::pci::devfn;
 use hvmdm_devices::pci::{
     I440fxHostBridge, PciBuses, PciConfigIo, PciRoot, Piix3Ide, Piix3Isa, Piix4Pm as PmFunction,
     RegionTarget, DEVFN_HOST_BRIDGE, DEVFN_PIIX3_IDE, DEVFN_PIIX3_ISA, DEVFN_PIIX4_PM, PCI_CONFIG_IO_BASE,
@@ -321,7 +321,7 @@ impl Machine {
         if !Self::wants_ahci(cfg) {
             return Ok(None);
         }
-        let ctrl = Arc::new(Mutex::new(AhciController::new(env.mem.clone())));
+        let (ctrl, func) = ahci::build(env.mem.clone(), env.irq.clone(), AHCI_SLOT, buses)?;
         let disks: Vec<_> = cfg.disks.iter().filter(|d| d.interface == DiskInterface::Ahci).collect();
         let given: Vec<usize> = disks.iter().filter_map(|d| d.index.map(usize::from)).collect();
         let mut free = (0..ahci::NUM_PORTS).filter(|p| !given.contains(p));
@@ -332,16 +332,6 @@ impl Machine {
             let port = d.index.map(usize::from).or_else(|| free.next()).unwrap_or(ahci::NUM_PORTS);
             ctrl.lock().unwrap_or_else(|p| p.into_inner()).attach_disk(port, Arc::new(img))?;
         }
-        let intx = PciIntx::new(env.irq.clone(), AHCI_SLOT, 0);
-        let msi = PciMsi::new(env.irq.clone());
-        let func = Ich9Ahci::new(
-            buses,
-            RegionTarget::new(shared(&ctrl), ahci::REGION_ABAR, ahci::ABAR_RULES),
-            RegionTarget::new(shared(&ctrl), ahci::REGION_IDP, ahci::IDP_RULES),
-            intx.clone(),
-            msi.clone(),
-        )?;
-        ctrl.lock().unwrap_or_else(|p| p.into_inner()).connect_pci(intx, msi, func.command_watch());
         Ok(Some((ctrl, Arc::new(Mutex::new(func)))))
     }
 

@@ -21,14 +21,12 @@
 use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
-use hvmdm_devices::bus::{Bus, BusDevice, SharedDevice};
+use hvmdm_devices::bus::{Bus, BusDevice};
 use hvmdm_devices::irq::RecordingIrqSink;
 use hvmdm_devices::mem::{GuestRam, TestRam};
-use hvmdm_devices::pci::{PciBuses, PciFunction, PciIntx, PciMsi, RegionTarget, PCI_COMMAND_MASTER};
+use hvmdm_devices::pci::{PciBuses, PciFunction, PCI_COMMAND_MASTER};
 use hvmdm_devices::snapshot::{SectionReader, SectionWriter, Snapshot};
-use hvmdm_devices::storage::ahci::{
-    pxcmd, pxis, AhciController, Ich9Ahci, ABAR_RULES, IDP_RULES, REGION_ABAR, REGION_IDP,
-};
+use hvmdm_devices::storage::ahci::{self, pxcmd, pxis, AhciController, Ich9Ahci, REGION_ABAR, REGION_IDP};
 use hvmdm_devices::storage::ata::cmd;
 use hvmdm_devices::storage::{BlockBackend, BlockError, MemImage};
 use libfuzzer_sys::fuzz_target;
@@ -231,21 +229,9 @@ fn build(disks: &[Arc<Watched>; 2]) -> (Arc<TestRam>, Arc<Mutex<AhciController>>
     let mem = Arc::new(TestRam::new(RAM_SIZE as usize));
     let sink = Arc::new(RecordingIrqSink::default());
     let buses = PciBuses { pio: Arc::new(Bus::new("pio")), mmio: Arc::new(Bus::new("mmio")) };
-    let ctrl = Arc::new(Mutex::new(AhciController::new(mem.clone())));
-    let dev: SharedDevice = ctrl.clone();
-    let intx = PciIntx::new(sink.clone(), 3, 0);
-    let msi = PciMsi::new(sink);
-    let func = Ich9Ahci::new(
-        &buses,
-        RegionTarget::new(dev.clone(), REGION_ABAR, ABAR_RULES),
-        RegionTarget::new(dev, REGION_IDP, IDP_RULES),
-        intx.clone(),
-        msi.clone(),
-    )
-    .unwrap();
+    let (ctrl, func) = ahci::build(mem.clone(), sink, 3, &buses).unwrap();
     {
         let mut c = ctrl.lock().unwrap();
-        c.connect_pci(intx, msi, func.command_watch());
         c.attach_disk(0, disks[0].clone()).unwrap();
         c.attach_disk(1, disks[1].clone()).unwrap();
     }

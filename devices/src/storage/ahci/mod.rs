@@ -40,15 +40,16 @@ mod pci;
 mod tests;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
 use super::ata::{AtaDisk, DiskConfig, SECTOR_SIZE};
 use super::image::BlockBackend;
-use crate::bus::{AccessRules, BusDevice, IoResult, RegionId};
+use crate::bus::{AccessRules, BusDevice, IoResult, RegionId, SharedDevice};
+use crate::irq::IrqSink;
 use crate::mem::GuestRam;
-use crate::pci::{CommandWatch, PciIntx, PciMsi, PCI_COMMAND_MASTER};
+use crate::pci::{CommandWatch, PciBuses, PciError, PciIntx, PciMsi, RegionTarget, PCI_COMMAND_MASTER};
 use crate::snapshot::{check_version, PendingState, SectionReader, SectionWriter, Snapshot, SnapshotError};
 use crate::warn_limited;
 
@@ -260,6 +261,31 @@ impl Port {
         self.srst = false;
         self.halted = false;
     }
+}
+
+/// A controller with empty ports and its PCI function, wired together: the function's BAR5/BAR4
+/// map the controller's regions on `buses`, its INTA# is `slot`'s pin A on `irq`, its MSI goes
+/// to `irq` and its bus-master enable gates the controller's DMA. Add the function to the PCI
+/// root at `slot` and attach disks to the controller.
+pub fn build(
+    mem: Arc<dyn GuestRam>,
+    irq: Arc<dyn IrqSink>,
+    slot: u8,
+    buses: &PciBuses,
+) -> Result<(Arc<Mutex<AhciController>>, Ich9Ahci), PciError> {
+    let ctrl = Arc::new(Mutex::new(AhciController::new(mem)));
+    let dev: SharedDevice = ctrl.clone();
+    let intx = PciIntx::new(irq.clone(), slot, 0);
+    let msi = PciMsi::new(irq);
+    let func = Ich9Ahci::new(
+        buses,
+        RegionTarget::new(dev.clone(), REGION_ABAR, ABAR_RULES),
+        RegionTarget::new(dev, REGION_IDP, IDP_RULES),
+        intx.clone(),
+        msi.clone(),
+    )?;
+    ctrl.lock().unwrap_or_else(|p| p.into_inner()).connect_pci(intx, msi, func.command_watch());
+    Ok((ctrl, func))
 }
 
 /// The AHCI HBA: global registers and six ports.

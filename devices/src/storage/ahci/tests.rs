@@ -1,12 +1,10 @@
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::*;
 use crate::bus::Bus;
 use crate::irq::{IrqEvent, RecordingIrqSink};
 use crate::mem::TestRam;
-use crate::pci::{
-    PciBuses, PciFunction, PciIntx, PciMsi, RegionTarget, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
-};
+use crate::pci::{PciBuses, PciFunction, PciIntx, PciMsi, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
 use crate::storage::ata::cmd as ata;
 use crate::storage::image::MemImage;
@@ -573,19 +571,7 @@ fn msi_replaces_intx_when_enabled() {
     let sink = Arc::new(RecordingIrqSink::default());
     let mem = Arc::new(TestRam::new(RAM));
     let buses = PciBuses { pio: Arc::new(Bus::new("pio")), mmio: Arc::new(Bus::new("mmio")) };
-    let ctrl = Arc::new(Mutex::new(AhciController::new(mem.clone())));
-    let intx = PciIntx::new(sink.clone(), 4, 0);
-    let msi = PciMsi::new(sink.clone());
-    let dev: crate::bus::SharedDevice = ctrl.clone();
-    let mut f = Ich9Ahci::new(
-        &buses,
-        RegionTarget::new(dev.clone(), REGION_ABAR, ABAR_RULES),
-        RegionTarget::new(dev, REGION_IDP, IDP_RULES),
-        intx.clone(),
-        msi.clone(),
-    )
-    .unwrap();
-    ctrl.lock().unwrap().connect_pci(intx, msi, f.command_watch());
+    let (ctrl, mut f) = build(mem.clone(), sink.clone(), 4, &buses).unwrap();
     let img = Arc::new(MemImage::new(vec![0; 64 * 512], false));
     ctrl.lock().unwrap().attach_disk(0, img).unwrap();
     assert_eq!(f.config_read(0), 0x2922_8086);
