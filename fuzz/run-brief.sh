@@ -19,7 +19,7 @@ esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root" || exit 2
 
-targets=(fw_cfg_dma pci_config bus_rules ide_regs_prd atapi qmp_session dm_argv ioreq qcow2)
+targets=(fw_cfg_dma pci_config bus_rules ide_regs_prd atapi ahci qmp_session dm_argv ioreq qcow2)
 CARGO_FUZZ_VERSION=0.13.2
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -15,6 +15,8 @@ pub enum ConfigError {
     SmpRange(u32),
     #[error("bad --disk {0:?}: {1}")]
     BadDisk(String, String),
+    #[error("too many --disk options: {0}")]
+    TooManyDisks(String),
     #[error("bad --serial {0:?}: expected stdio, file:PATH, pty or none")]
     BadSerial(String),
     #[error("{what} {path:?} not found{hint}")]
@@ -44,6 +46,8 @@ impl FirmwareConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskInterface {
     Ide,
+    /// A port of the ICH9 AHCI controller (created when any disk uses it).
+    Ahci,
 }
 
 /// What the guest sees in a drive slot.
@@ -53,6 +57,10 @@ pub enum DiskMedia {
     /// An ATAPI CD-ROM drive (read-only medium; `path` empty = no medium).
     Cdrom,
 }
+/// Ports of the AHCI controller.
+pub const AHCI_PORTS: usize = 6;
+/// Drive positions on the two IDE channels.
+pub const IDE_POSITIONS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -62,8 +70,8 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Image format, always explicit (`format=`, default raw): never probed.
     pub format: hvmdm_devices::storage::ImageFormat,
-    /// IDE position 0..=3 (primary master, primary slave, secondary master, secondary slave);
-    /// None = the next free one in order.
+    /// IDE position 0..=3 (primary master, primary slave, secondary master, secondary slave), or
+    /// AHCI port 0..=5; None = the next one of that interface in order of appearance.
     pub index: Option<u8>,
     /// The id QMP names the drive by (`ide0-hd0` style when none was given).
     pub id: Option<String>,
@@ -139,8 +147,8 @@ pub fn check_smp(n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-/// `file=PATH[,if=ide][,readonly=on|off][,format=raw|qcow2][,media=disk|cdrom]`; a CD-ROM drive
-/// (`if=ide` only) may leave out `file=` to start empty, and is always read-only.
+/// `file=PATH[,if=ide|ahci][,readonly=on|off][,format=raw|qcow2][,media=disk|cdrom]`; a CD-ROM
+/// drive (`if=ide` only) may leave out `file=` to start empty, and is always read-only.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadDisk(s.to_string(), why.to_string());
     let mut path = None;
@@ -154,7 +162,8 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "file" => path = Some(PathBuf::from(v)),
             "if" => match v {
                 "ide" => interface = DiskInterface::Ide,
-                other => return Err(bad(&format!("interface {other} is not supported yet (only ide)"))),
+                "ahci" => interface = DiskInterface::Ahci,
+                other => return Err(bad(&format!("interface {other} is not supported (ide or ahci)"))),
             },
             "readonly" => {
                 readonly = match v {
@@ -197,6 +206,20 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         return Err(ConfigError::Missing { what, path, hint: String::new() });
     }
     Ok(DiskConfig { path, interface, readonly, format, index: None, id: None, media })
+}
+
+/// At most [`IDE_POSITIONS`] IDE and [`AHCI_PORTS`] AHCI disks.
+pub fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+    for (interface, max, what) in [
+        (DiskInterface::Ide, IDE_POSITIONS, "IDE disks (2 channels x master/slave)"),
+        (DiskInterface::Ahci, AHCI_PORTS, "AHCI disks (one per port)"),
+    ] {
+        let n = disks.iter().filter(|d| d.interface == interface).count();
+        if n > max {
+            return Err(ConfigError::TooManyDisks(format!("{n} {what}: at most {max}")));
+        }
+    }
+    Ok(())
 }
 
 pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
@@ -280,6 +303,16 @@ mod tests {
         assert!(parse_disk("if=ide,media=disk").is_err());
         let e = parse_disk("file=/nonexistent/x.iso,media=cdrom").unwrap_err().to_string();
         assert!(e.contains("CD-ROM image"), "{e}");
+        let a = parse_disk("file=/etc/hostname,if=ahci").unwrap();
+        assert_eq!((a.interface, a.index), (DiskInterface::Ahci, None));
+        let mut many = vec![a.clone(); 6];
+        many.extend(vec![d.clone(); 4]);
+        assert!(check_disks(&many).is_ok());
+        many.push(a);
+        assert!(check_disks(&many).unwrap_err().to_string().contains("AHCI"));
+        many.truncate(10);
+        many.push(d);
+        assert!(check_disks(&many).unwrap_err().to_string().contains("IDE"));
         assert_eq!(parse_serial("file:/tmp/x").unwrap(), SerialConfig::File("/tmp/x".into()));
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());

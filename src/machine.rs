@@ -1,7 +1,8 @@
 //! Builds the device graph from a MachineConfig; shared by both backends.
 //!
 //! The layout is the i440FX/PIIX3 PC that hvmloader, SeaBIOS and OVMF expect: 00:00.0 host bridge,
-//! 00:01.0 PIIX3 ISA, 00:01.1 PIIX3 IDE, 00:01.3 PIIX4 PM; ISA devices at their legacy ports; fw_cfg
+//! 00:01.0 PIIX3 ISA, 00:01.1 PIIX3 IDE, 00:01.3 PIIX4 PM, 00:03.0 ICH9 AHCI when a disk uses it
+//! (00:02.0 stays free for the Xen platform device); ISA devices at their legacy ports; fw_cfg
 //! with our own ACPI tables (rebuilt lazily after every reset, with the firmware-programmed PM base).
 
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use hvmdm_devices::chipset::{
 use hvmdm_devices::fw_cfg::{self, FileOpts, FwCfg, PcItems};
 use hvmdm_devices::irq::{IrqSink, IsaIrq};
 use hvmdm_devices::mem::GuestRam;
+use hvmdm_devices::pci::devfn;
 use hvmdm_devices::pci::{
     I440fxHostBridge, PciBuses, PciConfigIo, PciRoot, Piix3Ide, Piix3Isa, Piix4Pm as PmFunction,
     RegionTarget, DEVFN_HOST_BRIDGE, DEVFN_PIIX3_IDE, DEVFN_PIIX3_ISA, DEVFN_PIIX4_PM, PCI_CONFIG_IO_BASE,
@@ -21,13 +23,14 @@ use hvmdm_devices::pci::{
 use hvmdm_devices::platform::{PlatformControl, ShadowControl};
 use hvmdm_devices::serial::Serial;
 use hvmdm_devices::snapshot::{self, DeviceEntry, SnapshotError};
+use hvmdm_devices::storage::ahci::{self, AhciController, Ich9Ahci};
 use hvmdm_devices::storage::{self, DriveKind, IdeController};
 use hvmdm_devices::topology::Topology;
 use thiserror::Error;
 
 use crate::acpi_glue;
 use crate::chardev;
-use crate::config::MachineConfig;
+use crate::config::{DiskInterface, MachineConfig};
 
 #[derive(Debug, Error)]
 pub enum MachineError {
@@ -51,6 +54,8 @@ pub enum MachineError {
     Disk { path: String, err: storage::BlockError },
     #[error("IDE: {0}")]
     Ide(#[from] storage::IdeError),
+    #[error("AHCI: {0}")]
+    Ahci(#[from] ahci::AhciError),
     #[error(transparent)]
     Chardev(#[from] chardev::ChardevError),
     #[error("ACPI: {0}")]
@@ -88,6 +93,8 @@ pub struct Machine {
     serial: Option<Arc<Mutex<Serial>>>,
     fw_cfg: Option<Arc<Mutex<FwCfg>>>,
     ide: Arc<Mutex<IdeController>>,
+    /// The AHCI controller and its PCI function, when a disk uses AHCI.
+    ahci: Option<AhciParts>,
     /// Xen only: the ACPI hotplug register blocks hvmloader's DSDT reads.
     cpu_hotplug: Option<Arc<Mutex<CpuHotplugBitmap>>>,
     pci_hotplug: Option<Arc<Mutex<PciHotplug>>>,
@@ -102,6 +109,13 @@ fn read(p: &std::path::Path) -> Result<Vec<u8>, MachineError> {
 fn shared<T: hvmdm_devices::bus::BusDevice + 'static>(d: &Arc<Mutex<T>>) -> SharedDevice {
     d.clone()
 }
+
+/// The AHCI controller and its PCI function.
+type AhciParts = (Arc<Mutex<AhciController>>, Arc<Mutex<Ich9Ahci>>);
+
+/// Slot of the AHCI function: the first free one after the Xen platform device's 00:02. (QEMU
+/// under libxl puts it after the VGA and NICs, which hvmdm does not have.)
+pub const AHCI_SLOT: u8 = 3;
 
 /// Where Debian's qemu-system-data keeps the option ROM SeaBIOS uses for direct kernel boot.
 pub const LINUXBOOT_DMA_ROM: &str = "/usr/share/qemu/linuxboot_dma.bin";
@@ -174,8 +188,10 @@ impl Machine {
                 shared(&cpus),
                 CpuHotplugBitmap::REGION,
             )?;
-            // Slots 0 (host bridge), 1 (PIIX) and 2 (reserved for the Xen platform device).
-            let pcihp = Arc::new(Mutex::new(PciHotplug::new(0b111)));
+            // Slots 0 (host bridge), 1 (PIIX) and 2 (reserved for the Xen platform device), and
+            // the AHCI controller's: built in, never ejectable.
+            let ahci_bit = if Self::wants_ahci(cfg) { 1 << AHCI_SLOT } else { 0 };
+            let pcihp = Arc::new(Mutex::new(PciHotplug::new(0b111 | ahci_bit)));
             pio.insert(
                 PciHotplug::BASE,
                 PciHotplug::LEN,
@@ -209,7 +225,7 @@ impl Machine {
         // IDE.
         let ide = Arc::new(Mutex::new(IdeController::new(env.mem.clone(), isa(14), isa(15))));
         IdeController::register_legacy(&ide, &pio)?;
-        for (i, d) in cfg.disks.iter().enumerate() {
+        for (i, d) in cfg.disks.iter().filter(|d| d.interface == DiskInterface::Ide).enumerate() {
             let pos = d.index.map_or(i, usize::from);
             let open = |ro| {
                 storage::open_image(&d.path, d.format, ro)
@@ -225,6 +241,8 @@ impl Machine {
                 c.attach(pos / 2, pos % 2, Box::new(open(d.readonly)?), DriveKind::Disk)?;
             }
         }
+
+        let ahci = Self::build_ahci(cfg, &env, &buses)?;
 
         // PCI.
         let pci_root = Arc::new(Mutex::new(PciRoot::new()));
@@ -244,6 +262,9 @@ impl Machine {
             root.add(DEVFN_PIIX3_ISA, piix3.clone())?;
             root.add(DEVFN_PIIX3_IDE, ide_fn.clone())?;
             root.add(DEVFN_PIIX4_PM, pm_fn.clone())?;
+            if let Some((_, f)) = &ahci {
+                root.add(devfn(AHCI_SLOT, 0), f.clone())?;
+            }
             // Power-on state, reported to the backend (PAM, PIRQ routes).
             root.reset();
         }
@@ -287,11 +308,40 @@ impl Machine {
             serial,
             fw_cfg,
             ide,
+            ahci,
             cpu_hotplug,
             pci_hotplug,
             max_cpus: cfg.max_cpus,
             pty_path,
         })
+    }
+
+    fn wants_ahci(cfg: &MachineConfig) -> bool {
+        cfg.disks.iter().any(|d| d.interface == DiskInterface::Ahci)
+    }
+
+    /// The AHCI controller with the AHCI disks on their ports (given, or the free ones in order),
+    /// and its PCI function (INTA# and MSI), if any disk uses AHCI.
+    fn build_ahci(
+        cfg: &MachineConfig,
+        env: &MachineEnv,
+        buses: &PciBuses,
+    ) -> Result<Option<AhciParts>, MachineError> {
+        if !Self::wants_ahci(cfg) {
+            return Ok(None);
+        }
+        let (ctrl, func) = ahci::build(env.mem.clone(), env.irq.clone(), AHCI_SLOT, buses)?;
+        let disks: Vec<_> = cfg.disks.iter().filter(|d| d.interface == DiskInterface::Ahci).collect();
+        let given: Vec<usize> = disks.iter().filter_map(|d| d.index.map(usize::from)).collect();
+        let mut free = (0..ahci::NUM_PORTS).filter(|p| !given.contains(p));
+        for d in disks {
+            let img = storage::open_image(&d.path, d.format, d.readonly)
+                .map_err(|err| MachineError::Disk { path: d.path.display().to_string(), err })?;
+            // Disks without a port take the free ones in order (more than six fail below).
+            let port = d.index.map(usize::from).or_else(|| free.next()).unwrap_or(ahci::NUM_PORTS);
+            ctrl.lock().unwrap_or_else(|p| p.into_inner()).attach_disk(port, img)?;
+        }
+        Ok(Some((ctrl, Arc::new(Mutex::new(func)))))
     }
 
     fn build_fw_cfg(
@@ -391,6 +441,9 @@ impl Machine {
             r(f).reset();
         }
         r(&self.ide).reset();
+        if let Some((c, _)) = &self.ahci {
+            r(c).reset();
+        }
         if let Some(c) = &self.cpu_hotplug {
             r(c).reset();
         }
@@ -464,6 +517,10 @@ impl Machine {
             DeviceEntry::new(&*self.pm),
             DeviceEntry::new(&*self.port92),
         ];
+        if let Some((c, f)) = &self.ahci {
+            v.push(DeviceEntry::new(&**f));
+            v.push(DeviceEntry::new(&**c));
+        }
         if let Some(s) = &self.serial {
             v.push(DeviceEntry::new(&**s));
         }
@@ -500,6 +557,11 @@ impl Machine {
         let ide = self.ide.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = ide.flush_all() {
             log::error!("flushing disks at shutdown: {e}");
+        }
+        if let Some((c, _)) = &self.ahci {
+            if let Err(e) = c.lock().unwrap_or_else(|p| p.into_inner()).flush_all() {
+                log::error!("flushing AHCI disks at shutdown: {e}");
+            }
         }
         if let Some(d) = &self.debugcon {
             d.lock().unwrap_or_else(|p| p.into_inner()).flush();
@@ -815,6 +877,126 @@ mod tests {
         // The guest acknowledges the GPE: the SCI drops.
         m.pio.write_sync(0xafe0, &[1 << CpuHotplugBitmap::GPE_BIT]);
         assert!(irq.take().contains(&IrqEvent::Isa(9, false)));
+    }
+
+    /// A Xen or KVM machine with AHCI disks on ports 0 and 2 (and one IDE disk), over
+    /// temporary raw images that are removed when the returned guard drops.
+    fn ahci_machine(xen: bool) -> (Machine, TempImages) {
+        let dir = std::env::temp_dir();
+        let paths: Vec<std::path::PathBuf> = (0..3)
+            .map(|i| dir.join(format!("hvmdm-ahci-test-{}-{xen}-{i}.img", std::process::id())))
+            .collect();
+        for p in &paths {
+            std::fs::write(p, vec![0u8; 64 * 512]).unwrap();
+        }
+        let disk = |i: usize, interface, index| crate::config::DiskConfig {
+            path: paths[i].clone(),
+            interface,
+            readonly: false,
+            format: storage::ImageFormat::Raw,
+            index,
+            id: None,
+            media: crate::config::DiskMedia::Disk,
+        };
+        let cfg = MachineConfig {
+            memory: 256 << 20,
+            smp: 1,
+            firmware: if xen {
+                FirmwareConfig::Hvmloader
+            } else {
+                FirmwareConfig::OvmfSplit { code: "ovmf-code".into(), vars_template: "ovmf-vars".into() }
+            },
+            kernel: None,
+            initrd: None,
+            append: String::new(),
+            disks: vec![
+                disk(0, DiskInterface::Ahci, Some(2)),
+                disk(1, DiskInterface::Ide, None),
+                disk(2, DiskInterface::Ahci, None),
+            ],
+            serial: SerialConfig::None,
+            firmware_log: None,
+            boot_order: "c".into(),
+            max_cpus: 1,
+            xen,
+        };
+        let platform = Arc::new(RecordingPlatform::default());
+        let m = Machine::build(
+            &cfg,
+            MachineEnv {
+                mem: Arc::new(TestRam::new(4 << 20)),
+                irq: Arc::new(RecordingIrqSink::default()),
+                platform: platform.clone(),
+                shadow: platform,
+                ram_below_4g: 256 << 20,
+                ram_above_4g: 0,
+                topology: Topology::flat(1, 1),
+            },
+        )
+        .unwrap();
+        (m, TempImages(paths))
+    }
+
+    struct TempImages(Vec<std::path::PathBuf>);
+    impl Drop for TempImages {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    #[test]
+    fn ahci_function_appears_at_slot_3_with_ich9_ids() {
+        for xen in [true, false] {
+            let (m, _imgs) = ahci_machine(xen);
+            let df = devfn(AHCI_SLOT, 0);
+            assert!(m.pci_devfns().contains(&df));
+            assert_eq!(m.pci_config_read(0, df, 0, 4), 0x2922_8086);
+            assert_eq!(m.pci_config_read(0, df, 0x08, 4), 0x0106_0102, "class 01.06.01, rev 2");
+            assert_eq!(m.pci_config_read(0, df, 0x3d, 1), 1, "INTA#");
+            assert_eq!(m.pci_config_read(0, df, 0x34, 1), 0x80, "MSI capability first");
+            assert_eq!(m.pci_config_read(0, df, 0x80, 1), 0x05);
+            assert_eq!(m.pci_config_read(0, 0x10, 0, 4), 0xffff_ffff, "00:02.0 stays free");
+            // ABAR: size, map, read CAP and the ports' links after spin-up.
+            m.pci_config_write(0, df, 0x24, 4, u32::MAX);
+            assert_eq!(m.pci_config_read(0, df, 0x24, 4), 0xffff_f000);
+            m.pci_config_write(0, df, 0x24, 4, 0xfebf_0000);
+            m.pci_config_write(0, df, 0x04, 2, 0x6);
+            let rd = |off: u64| {
+                let mut b = [0u8; 4];
+                m.mmio.read_sync(0xfebf_0000 + off, &mut b);
+                u32::from_le_bytes(b)
+            };
+            assert_eq!(rd(0) & 0x1f, 5);
+            assert_eq!(rd(0x0c), 0x3f);
+            let links: Vec<u32> = (0..6u64)
+                .map(|p| {
+                    m.mmio.write_sync(0xfebf_0000 + 0x118 + p * 0x80, &0x12u32.to_le_bytes());
+                    rd(0x128 + p * 0x80) & 0xf
+                })
+                .collect();
+            assert_eq!(links, vec![3, 0, 3, 0, 0, 0], "disks on ports 2 (given) and 0 (first free)");
+            if xen {
+                let mut v = [0u8; 4];
+                m.pio.read_sync(0xae0c, &mut v);
+                assert_eq!(u32::from_le_bytes(v) & (1 << AHCI_SLOT), 0, "AHCI slot is not removable");
+            }
+            // The IDE disk is still the primary master.
+            let mut st = [0u8; 1];
+            m.pio.read_sync(0x1f7, &mut st);
+            assert_eq!(st[0] & 0x40, 0x40);
+            // Save/restore and reset keep the function.
+            let stream = m.save_state().unwrap();
+            let (m2, _imgs2) = ahci_machine(xen);
+            m2.load_state(&stream).unwrap();
+            let mut b = [0u8; 4];
+            m2.mmio.read_sync(0xfebf_0000 + 0x128, &mut b);
+            assert_eq!(u32::from_le_bytes(b) & 0xf, 3);
+            m.reset();
+            assert_eq!(m.pci_config_read(0, df, 0x24, 4), 0);
+            m.shutdown();
+        }
     }
 
     /// xen-save-devices-state / -incoming: a fresh machine of the same configuration continues

@@ -86,9 +86,7 @@ fn machine_config(a: &KvmArgs) -> Result<MachineConfig> {
         bail!("--initrd needs --kernel");
     }
     let disks = a.disk.iter().map(|d| config::parse_disk(d)).collect::<Result<Vec<_>, _>>()?;
-    if disks.len() > 4 {
-        bail!("at most 4 IDE disks (2 channels x master/slave)");
-    }
+    config::check_disks(&disks)?;
     Ok(MachineConfig {
         memory,
         smp,

@@ -11,6 +11,12 @@ pub trait IrqSink: Send + Sync {
     fn set_pci_intx(&self, slot: u8, pin: u8, level: bool);
     /// PIIX3 PIRQ routing changed: `link` (0..3 = PIRQA..D) now routes to ISA `irq`, or nowhere.
     fn set_pci_link_route(&self, link: u8, irq: Option<u8>);
+    /// Delivers one message-signalled interrupt: the guest-programmed MSI address and data of a
+    /// function whose MSI capability is enabled (KVM_SIGNAL_MSI / xendevicemodel_inject_msi).
+    /// Sinks without MSI support drop it with a warning.
+    fn signal_msi(&self, addr: u64, data: u32) {
+        crate::warn_limited!("irq-no-msi", "MSI {addr:#x}/{data:#x} dropped: this platform has no MSI path");
+    }
 }
 
 /// One ISA interrupt line bound to a sink, handed to a device.
@@ -54,6 +60,7 @@ pub enum IrqEvent {
     Isa(u8, bool),
     Intx(u8, u8, bool),
     Route(u8, Option<u8>),
+    Msi(u64, u32),
 }
 
 impl RecordingIrqSink {
@@ -82,5 +89,8 @@ impl IrqSink for RecordingIrqSink {
     }
     fn set_pci_link_route(&self, link: u8, irq: Option<u8>) {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).push(IrqEvent::Route(link, irq));
+    }
+    fn signal_msi(&self, addr: u64, data: u32) {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).push(IrqEvent::Msi(addr, data));
     }
 }

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use hvmdm_devices::irq::IrqSink;
+use hvmdm_devices::warn_limited;
+use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 
 #[derive(Default)]
@@ -80,5 +82,16 @@ impl IrqSink for KvmIrqSink {
             *r = irq.filter(|i| *i < 16);
         }
         self.update(&mut l);
+    }
+
+    /// KVM_SIGNAL_MSI: the in-kernel LAPICs take the message like a memory write to 0xFEExxxxx.
+    fn signal_msi(&self, addr: u64, data: u32) {
+        let msi =
+            kvm_msi { address_lo: addr as u32, address_hi: (addr >> 32) as u32, data, ..Default::default() };
+        match self.vm.signal_msi(msi) {
+            // 0: the guest masked the vector / no destination; like real hardware, dropped.
+            Ok(_) => {}
+            Err(e) => warn_limited!("kvm-msi", "KVM_SIGNAL_MSI {addr:#x}/{data:#x}: {e}"),
+        }
     }
 }

@@ -95,12 +95,16 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
     let mut disks = Vec::new();
     let mut drive_ids = Vec::new();
     for (n, d) in a.disks.iter().enumerate() {
-        let index = match d.interface {
-            ArgDiskIf::Ide { index } => index,
-            ArgDiskIf::Ahci { .. } => {
+        // hdtype=ahci: `-device ide-hd,bus=ahci0.<port>` on libxl's `-device ahci,id=ahci0`.
+        // (QEMU would give the controller the slot after the VGA and NICs; hvmdm puts it at
+        // 00:03.0, see machine::AHCI_SLOT.)
+        let (interface, index) = match d.interface {
+            ArgDiskIf::Ide { index } => (DiskInterface::Ide, index),
+            ArgDiskIf::Ahci { port } if d.media == Media::Disk => (DiskInterface::Ahci, port),
+            ArgDiskIf::Ahci { port } => {
                 return Err(unsupported(
-                    "hdtype=ahci (-device ahci)",
-                    "AHCI is not implemented yet (issue 4)",
+                    format!("CD-ROM on AHCI port {port}"),
+                    "ATAPI over AHCI is not implemented yet (issue 4)",
                 ))
             }
             ArgDiskIf::Scsi { .. } => {
@@ -124,14 +128,18 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
                 ))
             }
         };
-        if index > 3 {
+        if interface == DiskInterface::Ide && index > 3 {
             return Err(unsupported(format!("-drive index={index}"), "IDE has indexes 0..3"));
         }
         let kind = if cdrom { "cd" } else { "hd" };
-        drive_ids.push(d.id.clone().unwrap_or_else(|| format!("ide{}-{kind}{}", index / 2, index % 2)));
+        let default_id = match interface {
+            DiskInterface::Ide => format!("ide{}-{kind}{}", index / 2, index % 2),
+            DiskInterface::Ahci => format!("ahcidisk-{index}"),
+        };
+        drive_ids.push(d.id.clone().unwrap_or(default_id));
         disks.push(DiskConfig {
             path,
-            interface: DiskInterface::Ide,
+            interface,
             readonly: d.readonly || cdrom,
             format,
             index: Some(index),
@@ -284,12 +292,28 @@ mod tests {
     }
 
     #[test]
-    fn refusals_name_the_option() {
-        let e = parse("-xen-domid 1 -m 512 -device ahci,id=ahci0 -drive file=/x,if=none,id=ahcidisk-0,format=raw -device ide-hd,bus=ahci0.0,unit=0,drive=ahcidisk-0");
-        assert!(
-            matches!(e, Err(XenConfigError::Unsupported { ref option, .. }) if option.contains("ahci")),
-            "{e:?}"
+    fn hdtype_ahci_disks_map_to_ports() {
+        let (cfg, o) = parse(
+            "-xen-domid 1 -m 512 -device ahci,id=ahci0 \
+             -drive file=/a,if=none,id=ahcidisk-0,format=raw,cache=writeback \
+             -device ide-hd,bus=ahci0.0,unit=0,drive=ahcidisk-0 \
+             -drive file=/b,if=none,id=ahcidisk-3,format=raw,cache=writeback \
+             -device ide-hd,bus=ahci0.3,unit=0,drive=ahcidisk-3",
+        )
+        .unwrap();
+        let got: Vec<_> = cfg.disks.iter().map(|d| (d.path.clone(), d.interface, d.index)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (PathBuf::from("/a"), DiskInterface::Ahci, Some(0)),
+                (PathBuf::from("/b"), DiskInterface::Ahci, Some(3)),
+            ]
         );
+        assert_eq!(o.drive_ids, vec!["ahcidisk-0", "ahcidisk-3"]);
+    }
+
+    #[test]
+    fn refusals_name_the_option() {
         let e = parse("-xen-domid 1 -m 512 -drive file=/x.vhdx,if=ide,index=0,media=disk,format=vhdx");
         assert!(
             matches!(e, Err(XenConfigError::Unsupported { ref option, .. }) if option.contains("vhdx")),

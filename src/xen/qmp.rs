@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use hvmdm_devices::snapshot;
-use hvmdm_devices::storage::ImageFormat;
+use hvmdm_devices::storage::{self, ImageFormat};
 use hvmdm_devices::storage::{BlockBackend, IdeController, IdeError, RawFile};
 pub use hvmdm_toolstack::qmp::commands::RunState;
 use hvmdm_toolstack::qmp::commands::{
@@ -151,12 +151,13 @@ impl<'a> Control<'a> {
             .map(|(i, (d, id))| {
                 // The slot as the machine assigns it (index, or position in the list).
                 let pos = d.index.map_or(i, usize::from);
-                let size = machine
-                    .ide()
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .backend(pos / 2, pos % 2)
-                    .map_or(0, |b| b.len());
+                // The guest-visible size (a qcow2 image's virtual size); the image is opened a
+                // second time read-only just for its header, so IDE and AHCI disks need no lookup.
+                let size = if d.has_medium() {
+                    storage::open_image(&d.path, d.format, true).map_or(0, |b| b.len())
+                } else {
+                    0
+                };
                 let drv = match d.format {
                     ImageFormat::Raw => "raw",
                     ImageFormat::Qcow2 => "qcow2",

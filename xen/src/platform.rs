@@ -1,7 +1,7 @@
 //! The devices' view of the platform on Xen (specs/xen-interfaces.md §4.1 item 8, §7.2):
 //! interrupt lines become `set_isa_irq_level` / `set_pci_intx_level` / `set_pci_link_route`
 //! device-model calls ([`XenIrq`]), and reset / power-off requests become
-//! `xendevicemodel_shutdown` ([`XenPlatform`]). Xen's virtual PIC/IOAPIC does the OR-ing of
+//! `xendevicemodel_shutdown` ([`XenPlatform`]); MSIs become `xendevicemodel_inject_msi`. Xen's virtual PIC/IOAPIC does the OR-ing of
 //! routed PCI INTx with ISA lines, so no routing happens here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -136,6 +136,17 @@ impl<D: DeviceModelOps + Send + Sync> IrqSink for XenIrq<D> {
             warn_limited!(
                 format!("xen-irq-link-{link}"),
                 "set_pci_link_route({link}, {raw}) for domain {} failed: {e}",
+                self.domid
+            );
+        }
+    }
+
+    /// xendevicemodel_inject_msi: Xen's vLAPIC/vMSI takes the message as the guest programmed it.
+    fn signal_msi(&self, addr: u64, data: u32) {
+        if let Err(e) = self.dm.inject_msi(self.domid, addr, data) {
+            warn_limited!(
+                "xen-msi",
+                "inject_msi({addr:#x}, {data:#x}) for domain {} failed: {e}",
                 self.domid
             );
         }
@@ -405,6 +416,19 @@ mod tests {
         assert!(irq.intx_level(3, 1) && !irq.intx_level(3, 0) && !irq.intx_level(40, 9));
         let sb = s(3);
         assert_eq!((sb.segment(), sb.bus(), sb.device(), sb.function()), (0, 0, 3, 0));
+    }
+
+    #[test]
+    fn msi_is_injected_and_failures_are_logged() {
+        let f = fake();
+        let irq = XenIrq::new(f.clone(), 5);
+        irq.signal_msi(0xfee0_1000, 0x4031);
+        assert_eq!(f.calls(), vec![FakeCall::Msi { addr: 0xfee0_1000, data: 0x4031 }]);
+        f.clear_calls();
+        f.fail_next("inject_msi", libc::EINVAL);
+        irq.signal_msi(0xfee0_0000, 0x30);
+        irq.signal_msi(0xfee0_0000, 0x30);
+        assert_eq!(f.calls(), vec![FakeCall::Msi { addr: 0xfee0_0000, data: 0x30 }]);
     }
 
     #[test]

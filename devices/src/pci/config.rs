@@ -5,9 +5,10 @@
 //! restores; `set_*` helpers change the current state only.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::bus::{AccessRules, Bus, RegionId, SharedDevice};
+use crate::irq::IrqSink;
 use crate::warn_limited;
 
 use super::{PciError, PciIntx};
@@ -26,6 +27,7 @@ pub const PCI_HEADER_TYPE: u16 = 0x0e;
 pub const PCI_BAR0: u16 = 0x10;
 pub const PCI_SUBSYSTEM_VENDOR_ID: u16 = 0x2c;
 pub const PCI_SUBSYSTEM_ID: u16 = 0x2e;
+pub const PCI_CAPABILITY_LIST: u16 = 0x34;
 pub const PCI_INTERRUPT_LINE: u16 = 0x3c;
 pub const PCI_INTERRUPT_PIN: u16 = 0x3d;
 
@@ -37,10 +39,18 @@ pub const PCI_COMMAND_SERR: u16 = 1 << 8;
 pub const PCI_COMMAND_INTX_DISABLE: u16 = 1 << 10;
 
 pub const PCI_STATUS_INTERRUPT: u16 = 1 << 3;
+pub const PCI_STATUS_CAP_LIST: u16 = 1 << 4;
 pub const PCI_STATUS_FAST_BACK: u16 = 1 << 7;
 pub const PCI_STATUS_DEVSEL_MEDIUM: u16 = 1 << 9;
 /// Error bits the guest clears by writing 1 (master data parity, target/master aborts, SERR, parity).
 pub const PCI_STATUS_W1C: u16 = 0xf900;
+
+pub const PCI_CAP_ID_MSI: u8 = 0x05;
+/// MSI message control: enable, and "64-bit address capable".
+pub const PCI_MSI_FLAGS_ENABLE: u16 = 1 << 0;
+pub const PCI_MSI_FLAGS_64BIT: u16 = 1 << 7;
+/// Size of a 64-bit MSI capability without per-vector masking.
+pub const PCI_MSI_CAP_LEN_64: u8 = 14;
 
 /// Header type bit 7: the device has functions other than 0.
 pub const PCI_HEADER_MULTI_FUNCTION: u8 = 0x80;
@@ -188,6 +198,54 @@ struct Bar {
     window: Window,
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct MsiState {
+    /// MSI enable bit of the message control register.
+    enabled: bool,
+    /// Bus-master enable: an MSI is a memory write, so it needs it like DMA does.
+    master: bool,
+    addr: u64,
+    data: u16,
+}
+
+/// A function's 64-bit, single-vector MSI as its device sees it. Cloneable; the [`ConfigSpace`]
+/// the capability was added to keeps it in step with guest config writes, the device calls
+/// [`PciMsi::signal`]. While MSI is enabled the function's INTx line is held deasserted.
+#[derive(Clone)]
+pub struct PciMsi {
+    sink: Arc<dyn IrqSink>,
+    state: Arc<Mutex<MsiState>>,
+}
+
+impl std::fmt::Debug for PciMsi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PciMsi({:?})", *self.lock())
+    }
+}
+
+impl PciMsi {
+    pub fn new(sink: Arc<dyn IrqSink>) -> Self {
+        PciMsi { sink, state: Arc::new(Mutex::new(MsiState::default())) }
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, MsiState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// The guest turned MSI on: interrupts go through [`Self::signal`], not INTx.
+    pub fn enabled(&self) -> bool {
+        self.lock().enabled
+    }
+    /// Sends the programmed message if MSI and bus mastering are enabled; returns whether it did.
+    pub fn signal(&self) -> bool {
+        let s = *self.lock();
+        if s.enabled && s.master {
+            self.sink.signal_msi(s.addr, u32::from(s.data));
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Shared mirror of the command register, for the device that serves the BARs (e.g. to check
 /// bus-master enable before DMA) without locking the PCI side.
 pub type CommandWatch = Arc<AtomicU16>;
@@ -202,6 +260,10 @@ pub struct ConfigSpace {
     bars: [Option<Bar>; 6],
     intx: Option<PciIntx>,
     command_watch: CommandWatch,
+    /// Offset of the MSI capability and the handle it drives.
+    msi: Option<(u16, PciMsi)>,
+    /// (offset, length) of each capability, in list order.
+    caps: Vec<(u16, u16)>,
 }
 
 impl std::fmt::Debug for ConfigSpace {
@@ -229,6 +291,8 @@ impl ConfigSpace {
             bars: Default::default(),
             intx: None,
             command_watch: Arc::new(AtomicU16::new(0)),
+            msi: None,
+            caps: Vec::new(),
         };
         cs.init_word(PCI_VENDOR_ID, h.vendor_id);
         cs.init_word(PCI_DEVICE_ID, h.device_id);
@@ -303,6 +367,65 @@ impl ConfigSpace {
         }
     }
 
+    /// Links a read-only capability of `len` bytes with `id` at `off` (dword aligned, inside
+    /// 0x40..0xff, not overlapping another one) at the end of the capability list and sets the
+    /// status bit that announces the list. The body stays read-only until the caller opens bits
+    /// with `init_wmask*`.
+    pub fn add_capability(&mut self, id: u8, off: u8, len: u8) -> Result<(), PciError> {
+        let (o, end) = (u16::from(off), u16::from(off) + u16::from(len));
+        let overlaps = self.caps.iter().any(|&(c, l)| c < end && o < c + l);
+        if off < 0x40 || off & 3 != 0 || len < 2 || end > CONFIG_SPACE_SIZE as u16 || overlaps {
+            return Err(PciError::BadCapability(off));
+        }
+        for i in o..end {
+            self.init_byte(i, 0);
+            self.init_wmask(i, 0);
+        }
+        self.init_byte(o, id);
+        let link = self.caps.last().map_or(PCI_CAPABILITY_LIST, |&(c, _)| c + 1);
+        self.init_byte(link, off);
+        self.caps.push((o, u16::from(len)));
+        let st = self.word(PCI_STATUS) | PCI_STATUS_CAP_LIST;
+        self.init_word(PCI_STATUS, st);
+        Ok(())
+    }
+
+    /// Adds a 64-bit MSI capability with one vector and no masking at `off` (guest-writable:
+    /// enable, address, data), driving `msi`.
+    pub fn add_msi(&mut self, off: u8, msi: PciMsi) -> Result<(), PciError> {
+        self.add_capability(PCI_CAP_ID_MSI, off, PCI_MSI_CAP_LEN_64)?;
+        let o = u16::from(off);
+        self.init_word(o + 2, PCI_MSI_FLAGS_64BIT);
+        self.init_wmask_word(o + 2, PCI_MSI_FLAGS_ENABLE);
+        self.init_wmask_dword(o + 4, 0xffff_fffc);
+        self.init_wmask_dword(o + 8, 0xffff_ffff);
+        self.init_wmask_word(o + 12, 0xffff);
+        self.msi = Some((o, msi));
+        self.refresh_msi();
+        Ok(())
+    }
+
+    /// Brings the MSI handle and the INTx gate in line with the registers: MSI enabled turns
+    /// INTx off (PCI 3.0 §6.8.1.3), like the command register's INTx-disable bit does.
+    fn refresh_msi(&mut self) {
+        let cmd = self.command();
+        let mut msi_on = false;
+        if let Some((o, msi)) = &self.msi {
+            let o = *o;
+            let st = MsiState {
+                enabled: self.word(o + 2) & PCI_MSI_FLAGS_ENABLE != 0,
+                master: cmd & PCI_COMMAND_MASTER != 0,
+                addr: u64::from(self.dword(o + 4)) | (u64::from(self.dword(o + 8)) << 32),
+                data: self.word(o + 12),
+            };
+            msi_on = st.enabled;
+            *msi.lock() = st;
+        }
+        if let Some(intx) = &self.intx {
+            intx.set_disabled(cmd & PCI_COMMAND_INTX_DISABLE != 0 || msi_on);
+        }
+    }
+
     /// Registers BAR `index` (0..=5) of `size` bytes served by `target`. A 64-bit BAR also takes
     /// `index + 1`. Sizes: power of two, I/O 4..=64 KiB, memory >= 16 (32-bit <= 2 GiB).
     pub fn add_bar(
@@ -356,8 +479,8 @@ impl ConfigSpace {
 
     /// Attaches the function's INTx line; INTx-disable and status bit 3 then follow it.
     pub fn attach_intx(&mut self, intx: PciIntx) {
-        intx.set_disabled(self.command() & PCI_COMMAND_INTX_DISABLE != 0);
         self.intx = Some(intx);
+        self.refresh_msi();
     }
 
     pub fn command_watch(&self) -> CommandWatch {
@@ -434,9 +557,10 @@ impl ConfigSpace {
         if cmd_touched {
             let cmd = self.command();
             self.command_watch.store(cmd, Ordering::Release);
-            if let Some(intx) = &self.intx {
-                intx.set_disabled(cmd & PCI_COMMAND_INTX_DISABLE != 0);
-            }
+        }
+        let msi_touched = self.msi.as_ref().is_some_and(|(o, _)| (*o & !3..*o + 16).contains(&reg));
+        if cmd_touched || msi_touched {
+            self.refresh_msi();
         }
         if cmd_touched || (PCI_BAR0..PCI_BAR0 + 24).contains(&reg) {
             self.update_bars();
@@ -497,8 +621,8 @@ impl ConfigSpace {
         self.command_watch.store(cmd, Ordering::Release);
         if let Some(intx) = &self.intx {
             intx.set_level(false);
-            intx.set_disabled(cmd & PCI_COMMAND_INTX_DISABLE != 0);
         }
+        self.refresh_msi();
         self.update_bars();
     }
 }
@@ -564,9 +688,7 @@ impl ConfigSpace {
         self.wmask = st.wmask;
         let cmd = self.command();
         self.command_watch.store(cmd, Ordering::Release);
-        if let Some(intx) = &self.intx {
-            intx.set_disabled(cmd & PCI_COMMAND_INTX_DISABLE != 0);
-        }
+        self.refresh_msi();
         self.update_bars();
     }
 }
@@ -772,5 +894,79 @@ mod tests {
         assert_eq!(cs.write(0x100, 0, 0xf), u32::MAX);
         assert_eq!(cs.write(0xfff, 0, 0xf), u32::MAX);
         assert_eq!(cs.read(0xfffc), u32::MAX);
+    }
+
+    #[test]
+    fn capability_list_and_msi() {
+        let sink = Arc::new(RecordingIrqSink::default());
+        let (mut cs, _, _) = setup();
+        let intx = PciIntx::new(sink.clone(), 3, 0);
+        cs.attach_intx(intx.clone());
+        let msi = PciMsi::new(sink.clone());
+        cs.add_msi(0x80, msi.clone()).unwrap();
+        cs.add_capability(0x12, 0xa8, 8).unwrap();
+        assert_eq!(cs.add_capability(0x09, 0x84, 4), Err(PciError::BadCapability(0x84)), "overlap");
+        assert_eq!(cs.add_capability(0x09, 0x3c, 4), Err(PciError::BadCapability(0x3c)));
+        assert_eq!(cs.add_capability(0x09, 0xfe, 4), Err(PciError::BadCapability(0xfe)));
+        assert_ne!(cs.read(4) & (u32::from(PCI_STATUS_CAP_LIST) << 16), 0);
+        assert_eq!(cs.read(0x34), 0x80);
+        assert_eq!(cs.read(0x80), 0x0080_a805, "MSI id, next 0xa8, 64-bit, disabled");
+        assert_eq!(cs.read(0xa8) & 0xffff, 0x0012, "last in the list");
+        // Read-only parts ignore writes; the rest of 0x40..0xff stays plain storage.
+        cs.write(0x80, 0xffff_ffff, 0xf);
+        assert_eq!(cs.read(0x80), 0x0081_a805);
+        cs.write(0x80, 0, 0xf);
+        cs.write(0x84, 0xfee0_0003, 0xf);
+        cs.write(0x88, 0x1, 0xf);
+        cs.write(0x8c, 0xdead_0041, 0x3);
+        assert_eq!((cs.read(0x84), cs.read(0x88), cs.read(0x8c)), (0xfee0_0000, 1, 0x41));
+        cs.write(0xa8, u32::MAX, 0xf);
+        assert_eq!(cs.read(0xa8) & 0xffff, 0x0012);
+        cs.write(0x40, 0x1234, 0xf);
+        assert_eq!(cs.read(0x40), 0x1234);
+
+        // Disabled: nothing sent, INTx works.
+        assert!(!msi.enabled() && !msi.signal());
+        intx.set_level(true);
+        assert_eq!(sink.take(), vec![IrqEvent::Intx(3, 0, true)]);
+        // Enabled without bus mastering: INTx is off, the message is held back.
+        cs.write(0x80, 1 << 16, 0x4);
+        assert!(msi.enabled());
+        assert_eq!(sink.take(), vec![IrqEvent::Intx(3, 0, false)]);
+        assert!(!msi.signal());
+        cs.write(4, PCI_COMMAND_MASTER as u32, 0x3);
+        assert!(msi.signal());
+        assert_eq!(sink.take(), vec![IrqEvent::Msi(0x1_fee0_0000, 0x41)]);
+        // Disabling MSI gives the pending INTx level back; reset clears everything.
+        cs.write(0x80, 0, 0x4);
+        assert_eq!(sink.take(), vec![IrqEvent::Intx(3, 0, true)]);
+        cs.write(0x80, 1 << 16, 0x4);
+        sink.take();
+        cs.reset();
+        assert!(!msi.enabled());
+        assert_eq!(cs.read(0x84), 0);
+        assert_eq!(cs.read(0x34), 0x80);
+    }
+
+    #[test]
+    fn msi_state_survives_save_restore() {
+        let sink = Arc::new(RecordingIrqSink::default());
+        let (mut a, _, _) = setup();
+        let ma = PciMsi::new(sink.clone());
+        a.add_msi(0x80, ma).unwrap();
+        a.write(4, PCI_COMMAND_MASTER as u32, 0x3);
+        a.write(0x84, 0xfee0_1000, 0xf);
+        a.write(0x8c, 0x51, 0xf);
+        a.write(0x80, 1 << 16, 0x4);
+        let mut w = crate::snapshot::SectionWriter::new();
+        a.save_state(&mut w);
+        let (mut b, _, _) = setup();
+        let mb = PciMsi::new(sink.clone());
+        b.add_msi(0x80, mb.clone()).unwrap();
+        let mut r = crate::snapshot::SectionReader::new("t", w.as_bytes());
+        let st = b.decode_state(&mut r).unwrap();
+        b.apply_state(&st);
+        assert!(mb.signal());
+        assert_eq!(sink.take(), vec![IrqEvent::Msi(0xfee0_1000, 0x51)]);
     }
 }

@@ -35,6 +35,8 @@ pub enum PciError {
     BarInUse(usize),
     #[error("devfn {0:#04x} already populated")]
     DevfnInUse(u8),
+    #[error("capability at {0:#04x} does not fit the device-specific area")]
+    BadCapability(u8),
 }
 
 /// One PCI function's configuration space, as the config mechanism sees it.

@@ -54,6 +54,9 @@ pub mod cmd {
     pub const READ_VERIFY: u8 = 0x40;
     pub const READ_VERIFY_NORETRY: u8 = 0x41;
     pub const READ_VERIFY_EXT: u8 = 0x42;
+    /// NCQ (SATA only; decoded by [`super::AtaDisk::decode_ncq`], aborted by `execute`).
+    pub const READ_FPDMA_QUEUED: u8 = 0x60;
+    pub const WRITE_FPDMA_QUEUED: u8 = 0x61;
     pub const SEEK: u8 = 0x70;
     pub const EXECUTE_DEVICE_DIAGNOSTIC: u8 = 0x90;
     pub const INITIALIZE_DEVICE_PARAMETERS: u8 = 0x91;
@@ -194,6 +197,15 @@ pub struct SectorXfer {
     pub ext: bool,
 }
 
+/// A decoded READ/WRITE FPDMA QUEUED command: the NCQ tag (count bits 7:3), the transfer (count
+/// in the feature registers, LBA48 address) and Force Unit Access (device bit 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NcqCommand {
+    pub tag: u8,
+    pub xfer: SectorXfer,
+    pub fua: bool,
+}
+
 /// What a command asks the transport to do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AtaAction {
@@ -274,6 +286,8 @@ pub struct AtaDisk {
     mode: XferMode,
     /// The current command is a FUA write: each of its writes is durable before it completes.
     fua: bool,
+    /// NCQ queue depth advertised in IDENTIFY (0: no NCQ, the PATA case).
+    ncq_depth: u8,
 }
 
 impl std::fmt::Debug for AtaDisk {
@@ -314,7 +328,42 @@ impl AtaDisk {
             write_cache,
             mode: XferMode::Udma(5),
             fua: false,
+            ncq_depth: 0,
         }
+    }
+
+    /// Advertises native command queuing with `depth` (1..=32) tags in IDENTIFY words 75/76 (a
+    /// SATA transport that implements READ/WRITE FPDMA QUEUED calls this once, at attach).
+    pub fn enable_ncq(&mut self, depth: u8) {
+        self.ncq_depth = depth.min(32);
+    }
+
+    /// Decodes READ/WRITE FPDMA QUEUED (the command layer does not execute NCQ itself: the
+    /// transport owns tags). The address is always LBA48 and the sector count is in the feature
+    /// registers (0 = 65536).
+    pub fn decode_ncq(&self, tf: &Taskfile) -> Result<NcqCommand, AtaError> {
+        let write = match tf.command {
+            cmd::READ_FPDMA_QUEUED => false,
+            cmd::WRITE_FPDMA_QUEUED => true,
+            _ => return Err(AtaError::Abort),
+        };
+        if self.ncq_depth == 0 {
+            return Err(AtaError::Abort);
+        }
+        let count = match (u32::from(tf.hob_feature) << 8) | u32::from(tf.feature) {
+            0 => 65536,
+            n => n,
+        };
+        let lba = tf.lba48();
+        self.check_range(lba, count)?;
+        if write && self.is_read_only() {
+            return Err(AtaError::Abort);
+        }
+        Ok(NcqCommand {
+            tag: tf.count >> 3,
+            xfer: SectorXfer { lba, count, write, dma: true, block: 0, ext: true },
+            fua: tf.device & 0x80 != 0,
+        })
     }
 
     /// Power-on state of the settable parameters.
@@ -392,6 +441,10 @@ impl AtaDisk {
             XferMode::Pio => {}
             XferMode::Mwdma(m) => id[63] |= 0x100 << m,
             XferMode::Udma(m) => id[88] |= 0x100 << m,
+        }
+        if self.ncq_depth > 0 {
+            id[75] = u16::from(self.ncq_depth - 1);
+            id[76] = (1 << 8) | (1 << 1); // NCQ, SATA Gen1 signalling
         }
         id[93] = (1 << 14) | (1 << 13) | 1; // device 0 via jumper, 80-wire cable detected
         id[100] = self.sectors as u16;
@@ -960,6 +1013,36 @@ mod tests {
         let mut ro = AtaDisk::new(Arc::new(MemImage::new(vec![0; 4096], true)), DiskConfig::default());
         tf.command = cmd::WRITE_DMA_FUA_EXT;
         assert_eq!(ro.execute(&mut tf), Err(AtaError::Abort));
+    }
+
+    #[test]
+    fn ncq_decode_and_identify() {
+        let (mut d, _) = disk(100);
+        let mut tf = Taskfile {
+            command: cmd::READ_FPDMA_QUEUED,
+            feature: 8,
+            count: 5 << 3,
+            lba_low: 10,
+            device: 0x40,
+            ..Default::default()
+        };
+        assert_eq!(d.decode_ncq(&tf), Err(AtaError::Abort), "no NCQ before enable_ncq");
+        assert_eq!(word(&d.identify(), 76), 0);
+        d.enable_ncq(32);
+        let id = d.identify();
+        assert_eq!((word(&id, 75), word(&id, 76) & 0x100), (31, 0x100));
+        let n = d.decode_ncq(&tf).unwrap();
+        assert_eq!((n.tag, n.xfer.lba, n.xfer.count, n.xfer.write, n.fua), (5, 10, 8, false, false));
+        tf.command = cmd::WRITE_FPDMA_QUEUED;
+        tf.device = 0xc0;
+        assert!(d.decode_ncq(&tf).unwrap().fua);
+        tf.lba_low = 93; // 93 + 8 > 100
+        assert_eq!(d.decode_ncq(&tf), Err(AtaError::IdNotFound));
+        tf.feature = 0; // 65536 sectors
+        tf.lba_low = 0;
+        assert_eq!(d.decode_ncq(&tf), Err(AtaError::IdNotFound));
+        tf.command = cmd::READ_DMA_EXT;
+        assert_eq!(d.decode_ncq(&tf), Err(AtaError::Abort));
     }
 
     #[test]

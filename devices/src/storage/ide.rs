@@ -1422,11 +1422,6 @@ impl IdeController {
         Ok(())
     }
 
-    /// The image behind a slot: a disk's, or a CD-ROM's current medium (`query-block` sizes).
-    pub fn backend(&self, channel: usize, drive: usize) -> Option<&Arc<dyn BlockBackend>> {
-        self.channels.get(channel)?.drives.get(drive)?.media.as_ref()?.backend()
-    }
-
     pub fn drive_kind(&self, channel: usize, drive: usize) -> Option<DriveKind> {
         self.channels.get(channel)?.drives.get(drive)?.media.as_ref().map(Media::kind)
     }

@@ -9,7 +9,9 @@
 //! - [`atapi`]: the transport-independent ATAPI CD/DVD-ROM (SCSI/MMC) command layer.
 //! - [`bmdma`]: SFF-8038i bus-master DMA (PRD walker, step-wise DMA engine).
 //! - [`ide`]: the PIIX3 IDE controller (legacy task-file ports + bus-master block).
+//! - [`ahci`]: the ICH9 AHCI controller (command lists, FISes, PRDTs, NCQ, MSI).
 
+pub mod ahci;
 pub mod aio;
 pub mod ata;
 pub mod atapi;

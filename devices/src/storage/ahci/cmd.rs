@@ -1,0 +1,452 @@
+//! Command processing: command header → command FIS → ATA layer, data through the PRDT, and
+//! the FISes a device sends back (AHCI 1.3 §4.2, SATA 2.6 §10.3).
+
+use thiserror::Error;
+
+use super::super::ata::{cmd as ata_cmd, AtaAction, AtaDisk, AtaError, SectorXfer, Taskfile};
+use super::{pxis, AhciController, PortDevice, PortRegs, SECTOR};
+use crate::mem::{GuestMemError, GuestRam};
+use crate::warn_limited;
+
+// FIS types.
+const FIS_H2D: u8 = 0x27;
+const FIS_D2H: u8 = 0x34;
+const FIS_DMA_SETUP: u8 = 0x41;
+const FIS_PIO_SETUP: u8 = 0x5f;
+const FIS_SDB: u8 = 0xa1;
+/// Byte 1 of device-to-host FISes: interrupt on arrival.
+const FIS_I: u8 = 0x40;
+/// Byte 1 of PIO/DMA Setup FISes: data moves device to host.
+const FIS_D: u8 = 0x20;
+/// Byte 1 of a DMA Setup FIS: auto-activate (write: the device starts taking data at once).
+const FIS_A: u8 = 0x80;
+
+// Offsets in the FIS receive area.
+pub(super) const RX_DSFIS: u64 = 0x00;
+pub(super) const RX_PSFIS: u64 = 0x20;
+pub(super) const RX_RFIS: u64 = 0x40;
+pub(super) const RX_SDBFIS: u64 = 0x58;
+
+// Command header DW0 bits.
+const HDR_CFL: u32 = 0x1f;
+/// Command table: command FIS at 0, PRDT at 0x80.
+const CT_PRDT: u64 = 0x80;
+const PRD_SIZE: u64 = 16;
+/// Device control: software reset.
+const CTL_SRST: u8 = 0x04;
+
+/// Status values in completion FISes.
+const ST_OK: u8 = 0x50;
+const ST_ERR: u8 = 0x51;
+const ERR_ABRT: u8 = 0x04;
+
+/// Sectors moved per step between image and guest memory (bounds the bounce buffer).
+const CHUNK_SECTORS: u32 = 128;
+
+/// Why data could not move between guest memory and the device.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DmaFault {
+    #[error("PRDT has fewer bytes than the command transfers")]
+    Short,
+    #[error(transparent)]
+    Mem(#[from] GuestMemError),
+}
+
+/// How a command failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The drive aborted it (error register bits).
+    Ata(AtaError),
+    /// The HBA could not fetch the command or move its data; the drive sees an aborted command.
+    Hba,
+}
+
+impl Failure {
+    fn error_bits(self) -> u8 {
+        match self {
+            Failure::Ata(e) => e.error_bits(),
+            Failure::Hba => ERR_ABRT,
+        }
+    }
+}
+
+impl From<AtaError> for Failure {
+    fn from(e: AtaError) -> Self {
+        Failure::Ata(e)
+    }
+}
+
+/// What ends a command.
+#[derive(Debug)]
+enum Completion {
+    /// D2H Register FIS with I bit (PxIS.DHRS).
+    D2h(Taskfile),
+    /// PIO data-in: PIO Setup FIS with I bit and E_Status (PxIS.PSS), `bytes` moved.
+    PioIn(Taskfile, u32),
+    /// NCQ: Set Device Bits FIS clearing the slot's PxSACT bit (PxIS.SDBS).
+    Sdb,
+    /// Control FIS: nothing is sent back.
+    Silent,
+    /// Error: D2H FIS (or SDB FIS for NCQ) with ERR, PxIS.TFES.
+    Error { tf: Taskfile, fail: Failure, ncq: bool },
+}
+
+/// Scatter/gather through a command table's PRDT, reading entries on demand. The table is never
+/// walked beyond PRDTL entries, so a long or endless table costs at most what the data needs.
+pub(super) struct Prdt<'a> {
+    mem: &'a dyn GuestRam,
+    table: u64,
+    entries: u16,
+    next: u16,
+    addr: u64,
+    left: u32,
+    ibit: bool,
+    /// Bytes moved so far (PRDBC).
+    pub done: u32,
+    /// An entry with the I bit was completed (PxIS.DPS).
+    pub dps: bool,
+}
+
+impl<'a> Prdt<'a> {
+    pub(super) fn new(mem: &'a dyn GuestRam, ctba: u64, entries: u16) -> Self {
+        Prdt {
+            mem,
+            table: ctba.wrapping_add(CT_PRDT),
+            entries,
+            next: 0,
+            addr: 0,
+            left: 0,
+            ibit: false,
+            done: 0,
+            dps: false,
+        }
+    }
+
+    fn load(&mut self) -> Result<(), DmaFault> {
+        if self.next >= self.entries {
+            return Err(DmaFault::Short);
+        }
+        let mut e = [0u8; PRD_SIZE as usize];
+        self.mem.read(self.table.wrapping_add(u64::from(self.next) * PRD_SIZE), &mut e)?;
+        self.next += 1;
+        let dw = |i: usize| u32::from_le_bytes([e[4 * i], e[4 * i + 1], e[4 * i + 2], e[4 * i + 3]]);
+        // DBA bit 0 is reserved (word alignment); DBC is bits 21:0, the byte count minus one.
+        self.addr = (u64::from(dw(1)) << 32 | u64::from(dw(0))) & !1;
+        self.left = (dw(3) & 0x3f_ffff) + 1;
+        self.ibit = dw(3) & (1 << 31) != 0;
+        Ok(())
+    }
+
+    /// Moves `len` bytes, calling `f(guest address, range in the caller's buffer)` per piece.
+    fn walk(
+        &mut self,
+        len: usize,
+        mut f: impl FnMut(&dyn GuestRam, u64, std::ops::Range<usize>) -> Result<(), GuestMemError>,
+    ) -> Result<(), DmaFault> {
+        let mut pos = 0;
+        while pos < len {
+            if self.left == 0 {
+                self.load()?;
+            }
+            let n = (self.left as usize).min(len - pos);
+            f(self.mem, self.addr, pos..pos + n)?;
+            self.addr = self.addr.wrapping_add(n as u64);
+            self.left -= n as u32;
+            self.done = self.done.saturating_add(n as u32);
+            pos += n;
+            if self.left == 0 && self.ibit {
+                self.dps = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Device to guest memory.
+    pub(super) fn write_guest(&mut self, data: &[u8]) -> Result<(), DmaFault> {
+        self.walk(data.len(), |m, a, r| m.write(a, &data[r]))
+    }
+
+    /// Guest memory to device.
+    pub(super) fn read_guest(&mut self, data: &mut [u8]) -> Result<(), DmaFault> {
+        self.walk(data.len(), |m, a, r| m.read(a, &mut data[r]))
+    }
+}
+
+/// Writes `fis` at `offset` of the port's FIS receive area if FIS receive is on. A receive area
+/// outside RAM loses the FIS (logged); the registers still change.
+pub(super) fn post_fis(mem: &dyn GuestRam, port: usize, regs: &PortRegs, offset: u64, fis: &[u8]) {
+    if regs.cmd & super::pxcmd::FRE == 0 {
+        return;
+    }
+    if let Err(e) = mem.write(regs.fb.wrapping_add(offset), fis) {
+        warn_limited!(format!("ahci-fis-{port}"), "ahci port {port}: FIS receive area not in RAM: {e}");
+    }
+}
+
+fn tf_fis(kind: u8, flags: u8, tf: &Taskfile, status: u8, error: u8) -> [u8; 20] {
+    let mut f = [0u8; 20];
+    f[0] = kind;
+    f[1] = flags;
+    f[2] = status;
+    f[3] = error;
+    f[4] = tf.lba_low;
+    f[5] = tf.lba_mid;
+    f[6] = tf.lba_high;
+    f[7] = tf.device;
+    f[8] = tf.hob_lba_low;
+    f[9] = tf.hob_lba_mid;
+    f[10] = tf.hob_lba_high;
+    f[12] = tf.count;
+    f[13] = tf.hob_count;
+    f
+}
+
+/// The D2H Register FIS a device sends after reset: its signature, status DRDY|DSC, error 01h,
+/// no interrupt.
+pub(super) fn signature_fis(sig: u32) -> [u8; 20] {
+    let [count, lba_low, lba_mid, lba_high] = sig.to_le_bytes();
+    let tf = Taskfile { count, lba_low, lba_mid, lba_high, ..Default::default() };
+    tf_fis(FIS_D2H, 0, &tf, ST_OK, 0x01)
+}
+
+fn pio_setup_fis(tf: &Taskfile, bytes: u32) -> [u8; 20] {
+    // Status on entering the data phase is DRDY|DRQ; E_Status is what the command ends with.
+    let mut f = tf_fis(FIS_PIO_SETUP, FIS_I | FIS_D, tf, 0x58, 0);
+    f[15] = ST_OK;
+    f[16..18].copy_from_slice(&(bytes.min(0xffff) as u16).to_le_bytes());
+    f
+}
+
+fn sdb_fis(status: u8, error: u8, done: u32) -> [u8; 8] {
+    let mut f = [0u8; 8];
+    f[0] = FIS_SDB;
+    f[1] = FIS_I;
+    // Status-Hi (6:4) and Status-Lo (2:0).
+    f[2] = status & 0x77;
+    f[3] = error;
+    f[4..8].copy_from_slice(&done.to_le_bytes());
+    f
+}
+
+fn dma_setup_fis(slot: usize, write: bool, bytes: u32) -> [u8; 28] {
+    let mut f = [0u8; 28];
+    f[0] = FIS_DMA_SETUP;
+    f[1] = if write { FIS_A } else { FIS_D };
+    // DMA buffer identifier: the tag; offset 0; the whole transfer.
+    f[4] = slot as u8;
+    f[20..24].copy_from_slice(&bytes.to_le_bytes());
+    f
+}
+
+fn taskfile(c: &[u8; 20]) -> Taskfile {
+    Taskfile {
+        command: c[2],
+        feature: c[3],
+        lba_low: c[4],
+        lba_mid: c[5],
+        lba_high: c[6],
+        device: c[7],
+        hob_lba_low: c[8],
+        hob_lba_mid: c[9],
+        hob_lba_high: c[10],
+        hob_feature: c[11],
+        count: c[12],
+        hob_count: c[13],
+    }
+}
+
+/// Moves the sectors of `x` between the image and the PRDT.
+fn transfer(disk: &AtaDisk, prdt: &mut Prdt<'_>, x: &SectorXfer, port: usize) -> Result<(), Failure> {
+    let mut buf = vec![0u8; x.count.min(CHUNK_SECTORS) as usize * SECTOR];
+    let (mut lba, mut left) = (x.lba, x.count);
+    while left > 0 {
+        let n = left.min(CHUNK_SECTORS);
+        let b = &mut buf[..n as usize * SECTOR];
+        let moved = if x.write {
+            prdt.read_guest(b).map(|()| disk.write_sectors(lba, b))
+        } else {
+            disk.read_sectors(lba, b)?;
+            prdt.write_guest(b).map(|()| Ok(()))
+        };
+        match moved {
+            Ok(r) => r?,
+            Err(e) => {
+                warn_limited!(format!("ahci-dma-{port}"), "ahci port {port}: DMA failed: {e}");
+                return Err(Failure::Hba);
+            }
+        }
+        lba += u64::from(n);
+        left -= n;
+    }
+    Ok(())
+}
+
+impl AhciController {
+    /// Runs command slot `slot` of `port` to completion and reports it to the guest.
+    pub(super) fn exec_slot(&mut self, port: usize, slot: usize) {
+        let mem = self.mem.clone();
+        let hdr_addr = self.ports[port].regs.clb.wrapping_add(32 * slot as u64);
+        let (completion, prd) = self.run_command(&*mem, port, slot, hdr_addr);
+        if let Some((done, _)) = prd {
+            if let Err(e) = mem.write_u32(hdr_addr.wrapping_add(4), done) {
+                warn_limited!(format!("ahci-prdbc-{port}"), "ahci port {port}: PRDBC not written: {e}");
+            }
+        }
+        let dps = if prd.is_some_and(|(_, dps)| dps) { pxis::DPS } else { 0 };
+        let p = &mut self.ports[port];
+        let (bits, fis_at, fis): (u32, u64, Vec<u8>) = match completion {
+            Completion::D2h(tf) => {
+                p.regs.tfd = u32::from(ST_OK);
+                (pxis::DHRS, RX_RFIS, tf_fis(FIS_D2H, FIS_I, &tf, ST_OK, 0).to_vec())
+            }
+            Completion::PioIn(tf, bytes) => {
+                p.regs.tfd = u32::from(ST_OK);
+                (pxis::PSS, RX_PSFIS, pio_setup_fis(&tf, bytes).to_vec())
+            }
+            Completion::Sdb => {
+                p.regs.sact &= !(1 << slot);
+                p.regs.tfd = u32::from(ST_OK);
+                (pxis::SDBS, RX_SDBFIS, sdb_fis(ST_OK, 0, 1 << slot).to_vec())
+            }
+            Completion::Silent => (0, 0, Vec::new()),
+            Completion::Error { tf, fail, ncq } => {
+                let err = fail.error_bits();
+                p.regs.tfd = u32::from(ST_ERR) | u32::from(err) << 8;
+                p.halted = true;
+                if ncq {
+                    (pxis::TFES, RX_SDBFIS, sdb_fis(ST_ERR, err, 0).to_vec())
+                } else {
+                    (pxis::TFES | pxis::DHRS, RX_RFIS, tf_fis(FIS_D2H, FIS_I, &tf, ST_ERR, err).to_vec())
+                }
+            }
+        };
+        if !fis.is_empty() {
+            post_fis(&*mem, port, &p.regs, fis_at, &fis);
+        }
+        if bits | dps != 0 {
+            self.raise(port, bits | dps);
+        }
+    }
+
+    /// Fetches and executes one command; returns how it ends and, for commands that got as far
+    /// as their PRDT, (bytes moved, descriptor interrupt).
+    fn run_command(
+        &mut self,
+        mem: &dyn GuestRam,
+        port: usize,
+        slot: usize,
+        hdr_addr: u64,
+    ) -> (Completion, Option<(u32, bool)>) {
+        let hba_fail = |why: String| {
+            warn_limited!(format!("ahci-cmd-{port}"), "ahci port {port} slot {slot}: {why}");
+            Completion::Error { tf: Taskfile::default(), fail: Failure::Hba, ncq: false }
+        };
+        let mut hdr = [0u8; 16];
+        if let Err(e) = mem.read(hdr_addr, &mut hdr) {
+            return (hba_fail(format!("command header: {e}")), None);
+        }
+        let dw = |i: usize| u32::from_le_bytes([hdr[4 * i], hdr[4 * i + 1], hdr[4 * i + 2], hdr[4 * i + 3]]);
+        let flags = dw(0);
+        let prdtl = (flags >> 16) as u16;
+        let ctba = (u64::from(dw(3)) << 32 | u64::from(dw(2))) & !0x7f;
+        let cfl = flags & HDR_CFL;
+        let mut cfis = [0u8; 20];
+        if let Err(e) = mem.read(ctba, &mut cfis) {
+            return (hba_fail(format!("command table: {e}")), Some((0, false)));
+        }
+        if !(5..=16).contains(&cfl) || cfis[0] != FIS_H2D {
+            return (
+                hba_fail(format!(
+                    "command FIS type {:#04x}, length {cfl} dwords: not a H2D register FIS",
+                    cfis[0]
+                )),
+                Some((0, false)),
+            );
+        }
+        let tf = taskfile(&cfis);
+        let p = &mut self.ports[port];
+        if cfis[1] & 0x80 == 0 {
+            // Control FIS: SRST asserted, then released (the device resets and sends its signature).
+            if cfis[15] & CTL_SRST != 0 {
+                p.srst = true;
+                p.regs.tfd = super::TFD_BSY;
+            } else if p.srst {
+                p.srst = false;
+                p.sig_pending = true;
+                self.deliver_signature(port);
+            }
+            return (Completion::Silent, Some((0, false)));
+        }
+        let Some(dev) = &mut p.dev else {
+            warn_limited!(
+                format!("ahci-nodev-{port}"),
+                "ahci port {port}: command {:#04x} with no device",
+                tf.command
+            );
+            return (Completion::Error { tf, fail: Failure::Hba, ncq: false }, Some((0, false)));
+        };
+        let PortDevice::Disk(disk) = dev;
+        let mut prdt = Prdt::new(mem, ctba, prdtl);
+        let completion = if matches!(tf.command, ata_cmd::READ_FPDMA_QUEUED | ata_cmd::WRITE_FPDMA_QUEUED) {
+            Self::run_ncq(disk, &mut prdt, tf, port, slot, &p.regs)
+        } else {
+            Self::run_ata(disk, &mut prdt, tf, port)
+        };
+        (completion, Some((prdt.done, prdt.dps)))
+    }
+
+    fn run_ata(disk: &mut AtaDisk, prdt: &mut Prdt<'_>, mut tf: Taskfile, port: usize) -> Completion {
+        let fail = |tf, fail| Completion::Error { tf, fail, ncq: false };
+        match disk.execute(&mut tf) {
+            Ok(AtaAction::Complete) => Completion::D2h(tf),
+            Ok(AtaAction::DataIn(buf)) => match prdt.write_guest(&buf) {
+                Ok(()) => Completion::PioIn(tf, buf.len() as u32),
+                Err(e) => {
+                    warn_limited!(format!("ahci-dma-{port}"), "ahci port {port}: PIO data-in failed: {e}");
+                    fail(tf, Failure::Hba)
+                }
+            },
+            Ok(AtaAction::Transfer(x)) => match transfer(disk, prdt, &x, port) {
+                Ok(()) if !x.dma && !x.write => Completion::PioIn(tf, x.count.saturating_mul(SECTOR as u32)),
+                Ok(()) => Completion::D2h(tf),
+                Err(f) => fail(tf, f),
+            },
+            Ok(AtaAction::Diagnostic) => {
+                // The registers hold the ATA signature again.
+                Completion::D2h(Taskfile { count: 1, lba_low: 1, ..Default::default() })
+            }
+            Err(e) => fail(tf, e.into()),
+        }
+    }
+
+    fn run_ncq(
+        disk: &mut AtaDisk,
+        prdt: &mut Prdt<'_>,
+        tf: Taskfile,
+        port: usize,
+        slot: usize,
+        regs: &PortRegs,
+    ) -> Completion {
+        let n = match disk.decode_ncq(&tf) {
+            Ok(n) => n,
+            Err(e) => return Completion::Error { tf, fail: e.into(), ncq: true },
+        };
+        if usize::from(n.tag) != slot {
+            warn_limited!(
+                format!("ahci-ncq-tag-{port}"),
+                "ahci port {port}: NCQ tag {} issued in slot {slot}; the slot is used",
+                n.tag
+            );
+        }
+        let bytes = n.xfer.count.saturating_mul(SECTOR as u32);
+        post_fis(prdt.mem, port, regs, RX_DSFIS, &dma_setup_fis(slot, n.xfer.write, bytes));
+        let mut r = transfer(disk, prdt, &n.xfer, port);
+        if r.is_ok() && n.fua && n.xfer.write {
+            r = disk.flush().map_err(Failure::from);
+        }
+        match r {
+            Ok(()) => Completion::Sdb,
+            Err(fail) => Completion::Error { tf, fail, ncq: true },
+        }
+    }
+}

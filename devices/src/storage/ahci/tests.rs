@@ -1,0 +1,686 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::bus::Bus;
+use crate::irq::{IrqEvent, RecordingIrqSink};
+use crate::mem::TestRam;
+use crate::pci::{PciBuses, PciFunction, PciIntx, PciMsi, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
+use crate::snapshot::testing::{assert_prefixes_fail, load, payload};
+use crate::storage::ata::cmd as ata;
+use crate::storage::image::MemImage;
+
+const RAM: usize = 0x40_0000;
+const CLB: u64 = 0x1000;
+const FB: u64 = 0x2000;
+const CT: u64 = 0x8000;
+const BUF: u64 = 0x10_0000;
+const DISK_SECTORS: usize = 2048;
+
+struct Rig {
+    mem: Arc<TestRam>,
+    ctrl: AhciController,
+    img: Arc<MemImage>,
+    sink: Arc<RecordingIrqSink>,
+    cmdw: CommandWatch,
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 512) as u8).collect()
+}
+
+impl Rig {
+    /// A controller with a disk on port 0 and INTx/MSI wired to a recording sink (slot 3).
+    fn new() -> Self {
+        let mem = Arc::new(TestRam::new(RAM));
+        let img = Arc::new(MemImage::new(pattern(DISK_SECTORS * 512), false));
+        let sink = Arc::new(RecordingIrqSink::default());
+        let mut ctrl = AhciController::new(mem.clone());
+        let cmdw: CommandWatch = Arc::new(std::sync::atomic::AtomicU16::new(PCI_COMMAND_MASTER));
+        ctrl.connect_pci(PciIntx::new(sink.clone(), 3, 0), PciMsi::new(sink.clone()), cmdw.clone());
+        ctrl.attach_disk(0, img.clone()).unwrap();
+        Rig { mem, ctrl, img, sink, cmdw }
+    }
+    fn w(&mut self, off: u64, v: u32) {
+        self.ctrl.write(REGION_ABAR, off, &v.to_le_bytes());
+    }
+    fn r(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.ctrl.read(REGION_ABAR, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn pw(&mut self, port: u64, reg: u64, v: u32) {
+        self.w(0x100 + port * 0x80 + reg, v);
+    }
+    fn pr(&mut self, port: u64, reg: u64) -> u32 {
+        self.r(0x100 + port * 0x80 + reg)
+    }
+    /// What SeaBIOS/Linux do: lists, FIS receive, spin-up, interrupts on, start.
+    fn start(&mut self, port: u64) {
+        let off = port * 0x10000;
+        self.pw(port, PX_CLB, (CLB + off) as u32);
+        self.pw(port, PX_FB, (FB + off) as u32);
+        self.pw(port, PX_CMD, pxcmd::FRE);
+        self.pw(port, PX_CMD, pxcmd::FRE | pxcmd::SUD);
+        self.pw(port, PX_IE, pxis::VALID);
+        self.w(HBA_GHC, GHC_IE);
+        self.pw(port, PX_CMD, pxcmd::FRE | pxcmd::SUD | pxcmd::ST);
+    }
+    /// Builds slot `slot` of port 0: header, command FIS, PRDT of (address, bytes, I bit).
+    fn build(&self, slot: u64, fis: [u8; 20], prds: &[(u64, u32, bool)], write: bool) {
+        let ct = CT + slot * 0x1000;
+        let flags = 5 | if write { 1 << 6 } else { 0 } | (prds.len() as u32) << 16;
+        let mut hdr = [0u8; 32];
+        hdr[0..4].copy_from_slice(&flags.to_le_bytes());
+        hdr[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+        hdr[8..16].copy_from_slice(&ct.to_le_bytes());
+        self.mem.write(CLB + slot * 32, &hdr).unwrap();
+        self.mem.write(ct, &fis).unwrap();
+        for (i, &(a, n, ibit)) in prds.iter().enumerate() {
+            let mut e = [0u8; 16];
+            e[0..8].copy_from_slice(&a.to_le_bytes());
+            e[12..16].copy_from_slice(&((n - 1) | if ibit { 1 << 31 } else { 0 }).to_le_bytes());
+            self.mem.write(ct + 0x80 + 16 * i as u64, &e).unwrap();
+        }
+    }
+    fn issue(&mut self, slot: u64) {
+        self.pw(0, PX_CI, 1 << slot);
+    }
+    fn prdbc(&self, slot: u64) -> u32 {
+        self.mem.read_u32(CLB + slot * 32 + 4).unwrap()
+    }
+    fn fis(&self, off: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        self.mem.read(FB + off, &mut b).unwrap();
+        b
+    }
+    fn guest(&self, a: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        self.mem.read(a, &mut b).unwrap();
+        b
+    }
+}
+
+fn h2d(command: u8, lba: u64, count: u16) -> [u8; 20] {
+    let mut f = [0u8; 20];
+    f[0] = 0x27;
+    f[1] = 0x80;
+    f[2] = command;
+    f[4] = lba as u8;
+    f[5] = (lba >> 8) as u8;
+    f[6] = (lba >> 16) as u8;
+    f[7] = 0x40;
+    f[8] = (lba >> 24) as u8;
+    f[9] = (lba >> 32) as u8;
+    f[10] = (lba >> 40) as u8;
+    f[12] = count as u8;
+    f[13] = (count >> 8) as u8;
+    f
+}
+
+fn ncq(write: bool, tag: u8, lba: u64, count: u16) -> [u8; 20] {
+    let mut f = h2d(if write { ata::WRITE_FPDMA_QUEUED } else { ata::READ_FPDMA_QUEUED }, lba, 0);
+    f[3] = count as u8;
+    f[11] = (count >> 8) as u8;
+    f[12] = tag << 3;
+    f
+}
+
+#[test]
+fn hba_registers_at_power_on() {
+    let mut r = Rig::new();
+    let cap = r.r(HBA_CAP);
+    assert_eq!(cap & 0x1f, 5, "six ports");
+    assert_eq!((cap >> 8) & 0x1f, 31, "32 slots");
+    assert_ne!(cap & CAP_SNCQ, 0);
+    assert_ne!(cap & CAP_S64A, 0);
+    assert_ne!(cap & CAP_SSS, 0);
+    assert_eq!(r.r(HBA_GHC), GHC_AE);
+    assert_eq!(r.r(HBA_PI), 0x3f);
+    assert_eq!(r.r(HBA_VS), 0x0001_0300);
+    assert_eq!(r.r(HBA_CAP2), 0);
+    // Read-only registers ignore writes; AE stays set.
+    r.w(HBA_CAP, 0);
+    r.w(HBA_PI, 0);
+    r.w(HBA_GHC, 0);
+    assert_eq!((r.r(HBA_CAP), r.r(HBA_PI), r.r(HBA_GHC)), (CAP, PI, GHC_AE));
+    // Ports before spin-up: no link, BSY-less "no device" TFD, no signature.
+    for p in 0..6 {
+        assert_eq!(r.pr(p, PX_SSTS), 0);
+        assert_eq!(r.pr(p, PX_TFD), 0x7f);
+        assert_eq!(r.pr(p, PX_SIG), 0xffff_ffff);
+        assert_eq!(r.pr(p, PX_CMD), pxcmd::POD);
+    }
+    // Beyond the ports and sub-dword reads.
+    assert_eq!(r.r(0x400), 0);
+    assert_eq!(r.r(0xffc), 0);
+    let mut b = [0u8; 1];
+    r.ctrl.read(REGION_ABAR, 1, &mut b);
+    assert_eq!(b[0], 31);
+}
+
+#[test]
+fn spin_up_delivers_signature_once_fis_receive_is_on() {
+    let mut r = Rig::new();
+    r.pw(0, PX_FB, FB as u32);
+    r.pw(0, PX_CMD, pxcmd::SUD);
+    assert_eq!(r.pr(0, PX_SSTS), 0x113, "link up after spin-up");
+    assert_eq!(r.pr(0, PX_TFD), 0x80, "BSY until the signature FIS is received");
+    assert_eq!(r.pr(0, PX_SIG), 0xffff_ffff);
+    r.pw(0, PX_CMD, pxcmd::SUD | pxcmd::FRE);
+    assert_eq!(r.pr(0, PX_CMD) & (pxcmd::FR | pxcmd::FRE), pxcmd::FR | pxcmd::FRE);
+    assert_eq!(r.pr(0, PX_TFD), 0x150);
+    assert_eq!(r.pr(0, PX_SIG), 0x101);
+    let f = r.fis(cmd::RX_RFIS, 20);
+    assert_eq!(&f[..4], &[0x34, 0, 0x50, 0x01]);
+    assert_eq!((f[4], f[12]), (1, 1));
+    assert_eq!(r.pr(0, PX_IS), 0, "signature FIS carries no I bit");
+    // An empty port never links.
+    r.pw(1, PX_CMD, pxcmd::SUD | pxcmd::FRE);
+    assert_eq!((r.pr(1, PX_SSTS), r.pr(1, PX_TFD), r.pr(1, PX_SIG)), (0, 0x7f, 0xffff_ffff));
+}
+
+#[test]
+fn comreset_through_sctl_det() {
+    let mut r = Rig::new();
+    r.start(0);
+    r.pw(0, PX_CMD, pxcmd::FRE | pxcmd::SUD);
+    r.mem.write(FB + cmd::RX_RFIS, &[0xaa; 20]).unwrap();
+    r.pw(0, PX_SCTL, 0x301);
+    assert_eq!(r.pr(0, PX_SCTL), 0x301);
+    assert_eq!((r.pr(0, PX_SSTS), r.pr(0, PX_TFD), r.pr(0, PX_SIG)), (0, 0x7f, 0xffff_ffff));
+    r.pw(0, PX_SCTL, 0x300);
+    assert_eq!((r.pr(0, PX_SSTS), r.pr(0, PX_TFD), r.pr(0, PX_SIG)), (0x113, 0x150, 0x101));
+    assert_eq!(r.fis(cmd::RX_RFIS, 4), vec![0x34, 0, 0x50, 1]);
+    // DET=4 takes the interface offline; back to 0 brings it up again.
+    r.pw(0, PX_SCTL, 0x304);
+    assert_eq!(r.pr(0, PX_SSTS), 4);
+    r.pw(0, PX_SCTL, 0x300);
+    assert_eq!(r.pr(0, PX_SSTS), 0x113);
+    // Without FIS receive the signature waits.
+    r.pw(0, PX_CMD, pxcmd::SUD);
+    r.pw(0, PX_SCTL, 1);
+    r.pw(0, PX_SCTL, 0);
+    assert_eq!((r.pr(0, PX_TFD), r.pr(0, PX_SIG)), (0x80, 0xffff_ffff));
+    r.pw(0, PX_CMD, pxcmd::SUD | pxcmd::FRE);
+    assert_eq!((r.pr(0, PX_TFD), r.pr(0, PX_SIG)), (0x150, 0x101));
+}
+
+#[test]
+fn port_cmd_engines_clo_and_write_one_to_clear() {
+    let mut r = Rig::new();
+    r.start(0);
+    let c = r.pr(0, PX_CMD);
+    assert_eq!(
+        c & (pxcmd::ST | pxcmd::CR | pxcmd::FRE | pxcmd::FR),
+        pxcmd::ST | pxcmd::CR | pxcmd::FRE | pxcmd::FR
+    );
+    // CR/FR and POD are read-only.
+    r.pw(0, PX_CMD, pxcmd::SUD | pxcmd::CR | pxcmd::FR);
+    assert_eq!(r.pr(0, PX_CMD), pxcmd::SUD | pxcmd::POD);
+    // CLO clears BSY/DRQ and reads back 0.
+    r.ctrl.ports[0].regs.tfd = 0x88;
+    r.pw(0, PX_CMD, pxcmd::SUD | pxcmd::CLO);
+    assert_eq!(r.pr(0, PX_TFD), 0);
+    assert_eq!(r.pr(0, PX_CMD) & pxcmd::CLO, 0);
+    // PxIS/IS/SERR are write-1-to-clear; PxIE keeps only existing bits.
+    r.ctrl.ports[0].regs.is = pxis::DHRS | pxis::PSS | pxis::TFES;
+    r.ctrl.ports[0].regs.serr = 0x0401_0002;
+    r.pw(0, PX_IS, pxis::PSS);
+    assert_eq!(r.pr(0, PX_IS), pxis::DHRS | pxis::TFES);
+    r.pw(0, PX_SERR, 0x0400_0000);
+    assert_eq!(r.pr(0, PX_SERR), 0x0001_0002);
+    r.pw(0, PX_IE, u32::MAX);
+    assert_eq!(r.pr(0, PX_IE), pxis::VALID);
+    // Byte write to IE touches only that byte.
+    r.ctrl.write(REGION_ABAR, 0x100 + PX_IE + 3, &[0]);
+    assert_eq!(r.pr(0, PX_IE), pxis::VALID & 0x00ff_ffff);
+    // CLB/FB alignment; upper halves.
+    r.pw(0, PX_CLB, 0x1234_5fff);
+    r.pw(0, PX_CLBU, 0x1);
+    r.pw(0, PX_FB, 0x1234_5fff);
+    assert_eq!((r.pr(0, PX_CLB), r.pr(0, PX_CLBU), r.pr(0, PX_FB)), (0x1234_5c00, 1, 0x1234_5f00));
+    // 64-bit register access through the split (two dwords).
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&0x4000u32.to_le_bytes());
+    b[4..].copy_from_slice(&0x2u32.to_le_bytes());
+    r.ctrl.write(REGION_ABAR, 0x100 + PX_CLB, &b[..4]);
+    r.ctrl.write(REGION_ABAR, 0x100 + PX_CLBU, &b[4..]);
+    assert_eq!(r.ctrl.ports[0].regs.clb, 0x2_0000_4000);
+}
+
+#[test]
+fn hba_reset_and_global_interrupt_status() {
+    let mut r = Rig::new();
+    r.start(0);
+    r.build(0, h2d(ata::FLUSH_CACHE_EXT, 0, 0), &[], false);
+    r.issue(0);
+    assert_eq!(r.r(HBA_IS), 1);
+    assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true)]);
+    // Clearing IS alone re-latches from the still-pending PxIS; clearing PxIS first works.
+    r.w(HBA_IS, 1);
+    assert_eq!(r.r(HBA_IS), 1);
+    r.pw(0, PX_IS, u32::MAX);
+    r.w(HBA_IS, 1);
+    assert_eq!(r.r(HBA_IS), 0);
+    assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, false)]);
+    r.w(HBA_GHC, GHC_HR | GHC_IE);
+    assert_eq!(r.r(HBA_GHC), GHC_AE, "HR self-clears, IE cleared");
+    assert_eq!(r.pr(0, PX_CMD), pxcmd::POD);
+    assert_eq!((r.pr(0, PX_CLB), r.pr(0, PX_IE), r.pr(0, PX_SSTS)), (0, 0, 0));
+    assert_eq!((r.pr(0, PX_TFD), r.pr(0, PX_SIG)), (0x7f, 0xffff_ffff));
+}
+
+#[test]
+fn identify_through_pio_setup() {
+    let mut r = Rig::new();
+    r.start(0);
+    r.sink.take();
+    r.build(0, h2d(ata::IDENTIFY_DEVICE, 0, 0), &[(BUF, 512, false)], false);
+    r.issue(0);
+    assert_eq!(r.pr(0, PX_CI), 0);
+    assert_eq!(r.pr(0, PX_IS), pxis::PSS);
+    assert_eq!(r.pr(0, PX_TFD), 0x50);
+    assert_eq!(r.prdbc(0), 512);
+    let ps = r.fis(cmd::RX_PSFIS, 20);
+    assert_eq!(&ps[..4], &[0x5f, 0x60, 0x58, 0]);
+    assert_eq!((ps[15], u16::from_le_bytes([ps[16], ps[17]])), (0x50, 512));
+    let id = r.guest(BUF, 512);
+    assert_eq!(u16::from_le_bytes([id[0], id[1]]), 0x40);
+    assert_eq!(u16::from_le_bytes([id[150], id[151]]), 31, "NCQ depth 32");
+    assert_ne!(u16::from_le_bytes([id[152], id[153]]) & 0x100, 0, "NCQ supported");
+    assert_eq!(u16::from_le_bytes([id[200], id[201]]), DISK_SECTORS as u16);
+    assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true)]);
+    // SeaBIOS's probe: IDENTIFY PACKET DEVICE on a disk aborts with DHRS + TFES.
+    r.pw(0, PX_IS, u32::MAX);
+    r.build(1, h2d(ata::IDENTIFY_PACKET_DEVICE, 0, 0), &[(BUF, 512, false)], false);
+    r.issue(1);
+    assert_eq!(r.pr(0, PX_IS), pxis::TFES | pxis::DHRS);
+    assert_eq!(r.pr(0, PX_TFD), 0x451);
+    assert_eq!(&r.fis(cmd::RX_RFIS, 4), &[0x34, 0x40, 0x51, 0x04]);
+    assert_eq!(r.pr(0, PX_CI), 0);
+    // Halted until ST is cleared (SeaBIOS's recovery), then commands run again.
+    r.build(2, h2d(ata::FLUSH_CACHE, 0, 0), &[], false);
+    r.issue(2);
+    assert_eq!(r.pr(0, PX_CI), 4);
+    r.pw(0, PX_CMD, pxcmd::FRE | pxcmd::SUD);
+    assert_eq!(r.pr(0, PX_CI), 0);
+    r.pw(0, PX_IS, u32::MAX);
+    r.pw(0, PX_CMD, pxcmd::FRE | pxcmd::SUD | pxcmd::ST);
+    r.issue(2);
+    assert_eq!((r.pr(0, PX_IS), r.pr(0, PX_TFD)), (pxis::DHRS, 0x50));
+}
+
+#[test]
+fn dma_ext_read_and_write_through_two_prds() {
+    let mut r = Rig::new();
+    r.start(0);
+    // 3 sectors at LBA 5: 1024 bytes in the first entry, 512 in the second (I bit set).
+    r.build(3, h2d(ata::READ_DMA_EXT, 5, 3), &[(BUF, 1024, false), (BUF + 0x4000, 512, true)], false);
+    r.issue(3);
+    assert_eq!(r.pr(0, PX_IS), pxis::DHRS | pxis::DPS);
+    assert_eq!(r.prdbc(3), 1536);
+    let want = pattern(DISK_SECTORS * 512);
+    assert_eq!(r.guest(BUF, 1024), &want[5 * 512..7 * 512]);
+    assert_eq!(r.guest(BUF + 0x4000, 512), &want[7 * 512..8 * 512]);
+    assert_eq!(&r.fis(cmd::RX_RFIS, 4), &[0x34, 0x40, 0x50, 0]);
+    // Write two sectors back to LBA 100 from two entries.
+    r.mem.write(BUF + 0x8000, &[0x11; 512]).unwrap();
+    r.mem.write(BUF + 0x9000, &[0x22; 512]).unwrap();
+    r.build(
+        4,
+        h2d(ata::WRITE_DMA_EXT, 100, 2),
+        &[(BUF + 0x8000, 512, false), (BUF + 0x9000, 512, false)],
+        true,
+    );
+    r.issue(4);
+    assert_eq!(r.prdbc(4), 1024);
+    let img = r.img.contents();
+    assert_eq!(&img[100 * 512..101 * 512], &[0x11; 512][..]);
+    assert_eq!(&img[101 * 512..102 * 512], &[0x22; 512][..]);
+    assert_eq!(&img[102 * 512..103 * 512], &want[102 * 512..103 * 512]);
+    // FLUSH reaches the image.
+    r.build(5, h2d(ata::FLUSH_CACHE_EXT, 0, 0), &[], false);
+    let before = r.img.flush_count();
+    r.issue(5);
+    assert_eq!(r.img.flush_count(), before + 1);
+    assert_eq!(r.pr(0, PX_TFD), 0x50);
+}
+
+#[test]
+fn pio_read_sectors_and_multiple_slots_in_one_write() {
+    let mut r = Rig::new();
+    r.start(0);
+    r.build(0, h2d(ata::READ_SECTORS_EXT, 1, 1), &[(BUF, 512, false)], false);
+    r.build(1, h2d(ata::READ_DMA_EXT, 2, 1), &[(BUF + 512, 512, false)], false);
+    r.pw(0, PX_CI, 3);
+    assert_eq!(r.pr(0, PX_CI), 0);
+    assert_eq!(r.pr(0, PX_IS), pxis::PSS | pxis::DHRS);
+    let want = pattern(DISK_SECTORS * 512);
+    assert_eq!(r.guest(BUF, 1024), &want[512..1536]);
+}
+
+#[test]
+fn ncq_two_tags_complete_through_sdb() {
+    let mut r = Rig::new();
+    r.start(0);
+    r.sink.take();
+    r.mem.write(BUF + 0x2000, &[0x5a; 1024]).unwrap();
+    r.build(0, ncq(false, 0, 10, 2), &[(BUF, 1024, false)], false);
+    r.build(7, ncq(true, 7, 300, 2), &[(BUF + 0x2000, 1024, false)], true);
+    r.pw(0, PX_SACT, 1 | 1 << 7);
+    assert_eq!(r.pr(0, PX_SACT), 0x81);
+    r.pw(0, PX_CI, 1 | 1 << 7);
+    assert_eq!((r.pr(0, PX_CI), r.pr(0, PX_SACT)), (0, 0));
+    assert_eq!(r.pr(0, PX_IS), pxis::SDBS);
+    let sdb = r.fis(cmd::RX_SDBFIS, 8);
+    assert_eq!(&sdb[..4], &[0xa1, 0x40, 0x50, 0]);
+    assert_eq!(u32::from_le_bytes([sdb[4], sdb[5], sdb[6], sdb[7]]), 1 << 7, "last SDB names tag 7");
+    let ds = r.fis(cmd::RX_DSFIS, 28);
+    assert_eq!((ds[0], ds[1], ds[4]), (0x41, 0x80, 7));
+    assert_eq!(u32::from_le_bytes([ds[20], ds[21], ds[22], ds[23]]), 1024);
+    let want = pattern(DISK_SECTORS * 512);
+    assert_eq!(r.guest(BUF, 1024), &want[10 * 512..12 * 512]);
+    assert_eq!(&r.img.contents()[300 * 512..302 * 512], &[0x5a; 1024][..]);
+    assert_eq!((r.prdbc(0), r.prdbc(7)), (1024, 1024));
+    // One INTx assertion (the line stays up for the second completion).
+    assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true)]);
+    // FUA flushes.
+    let before = r.img.flush_count();
+    let mut f = ncq(true, 1, 400, 1);
+    f[7] |= 0x80;
+    r.build(1, f, &[(BUF, 512, false)], true);
+    r.pw(0, PX_SACT, 2);
+    r.pw(0, PX_CI, 2);
+    assert_eq!(r.img.flush_count(), before + 1);
+    // NCQ error (past the end): SDB with ERR, TFES, SACT bit stays until ST is cleared.
+    r.pw(0, PX_IS, u32::MAX);
+    r.build(2, ncq(false, 2, DISK_SECTORS as u64, 1), &[(BUF, 512, false)], false);
+    r.pw(0, PX_SACT, 4);
+    r.pw(0, PX_CI, 4);
+    assert_eq!(r.pr(0, PX_IS), pxis::TFES);
+    assert_eq!(r.pr(0, PX_TFD), 0x1051, "IDNF");
+    assert_eq!(r.pr(0, PX_SACT), 4);
+    assert_eq!(&r.fis(cmd::RX_SDBFIS, 8), &[0xa1, 0x40, 0x51, 0x10, 0, 0, 0, 0]);
+    r.pw(0, PX_CMD, pxcmd::FRE | pxcmd::SUD);
+    assert_eq!(r.pr(0, PX_SACT), 0);
+}
+
+/// Every bad-input case ends with TFES, ERR|ABRT (or IDNF) and the interrupt, the image intact.
+#[test]
+fn bad_input_ends_in_ata_errors() {
+    type Setup = Box<dyn Fn(&Rig)>;
+    let cases: Vec<(&str, Setup, u32)> = vec![
+        (
+            "LBA past the end",
+            Box::new(|r| {
+                r.build(0, h2d(ata::READ_DMA_EXT, DISK_SECTORS as u64, 1), &[(BUF, 512, false)], false)
+            }),
+            0x1051,
+        ),
+        (
+            "write past the end",
+            Box::new(|r| {
+                r.build(0, h2d(ata::WRITE_DMA_EXT, DISK_SECTORS as u64 - 1, 2), &[(BUF, 1024, false)], true)
+            }),
+            0x1051,
+        ),
+        ("zero-length PRDT", Box::new(|r| r.build(0, h2d(ata::READ_DMA_EXT, 0, 1), &[], false)), 0x451),
+        (
+            "PRDT too short",
+            Box::new(|r| r.build(0, h2d(ata::READ_DMA_EXT, 0, 4), &[(BUF, 1024, false)], false)),
+            0x451,
+        ),
+        (
+            "short PRDT for IDENTIFY",
+            Box::new(|r| r.build(0, h2d(ata::IDENTIFY_DEVICE, 0, 0), &[(BUF, 256, false)], false)),
+            0x451,
+        ),
+        (
+            "PRD past RAM",
+            Box::new(|r| r.build(0, h2d(ata::READ_DMA_EXT, 0, 1), &[(RAM as u64 - 256, 512, false)], false)),
+            0x451,
+        ),
+        (
+            "write from beyond RAM",
+            Box::new(|r| r.build(0, h2d(ata::WRITE_DMA_EXT, 0, 1), &[(u64::MAX - 100, 512, false)], true)),
+            0x451,
+        ),
+        (
+            "reserved FIS type",
+            Box::new(|r| {
+                let mut f = h2d(ata::READ_DMA_EXT, 0, 1);
+                f[0] = 0x5f;
+                r.build(0, f, &[(BUF, 512, false)], false)
+            }),
+            0x451,
+        ),
+        (
+            "bad CFL",
+            Box::new(|r| {
+                r.build(0, h2d(ata::FLUSH_CACHE, 0, 0), &[], false);
+                r.mem.write_u32(CLB, 2).unwrap()
+            }),
+            0x451,
+        ),
+        (
+            "command table outside RAM",
+            Box::new(|r| {
+                r.build(0, h2d(ata::FLUSH_CACHE, 0, 0), &[], false);
+                r.mem.write_u32(CLB + 8, 0xffff_ff80).unwrap();
+                r.mem.write_u32(CLB + 12, 0xffff_ffff).unwrap()
+            }),
+            0x451,
+        ),
+        ("unknown command", Box::new(|r| r.build(0, h2d(0xfe, 0, 0), &[], false)), 0x451),
+    ];
+    for (what, setup, tfd) in cases {
+        let mut r = Rig::new();
+        r.start(0);
+        r.sink.take();
+        setup(&r);
+        r.issue(0);
+        assert_eq!(r.pr(0, PX_CI), 0, "{what}");
+        assert_eq!(r.pr(0, PX_IS) & pxis::TFES, pxis::TFES, "{what}");
+        assert_eq!(r.pr(0, PX_TFD), tfd, "{what}");
+        assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true)], "{what}");
+        assert_eq!(r.img.contents(), pattern(DISK_SECTORS * 512), "{what}: image changed");
+    }
+    // Command list outside RAM: the header cannot be read.
+    let mut r = Rig::new();
+    r.start(0);
+    r.pw(0, PX_CMD, pxcmd::SUD);
+    r.pw(0, PX_CLB, 0xffff_fc00);
+    r.pw(0, PX_CLBU, 0xffff_ffff);
+    r.pw(0, PX_FB, 0xffff_ff00);
+    r.pw(0, PX_FBU, 0xffff_ffff);
+    r.pw(0, PX_CMD, pxcmd::SUD | pxcmd::FRE | pxcmd::ST);
+    r.issue(31);
+    assert_eq!((r.pr(0, PX_CI), r.pr(0, PX_TFD)), (0, 0x451));
+    assert_eq!(r.pr(0, PX_IS), pxis::TFES | pxis::DHRS);
+    // A port without a device: the command errors out, it never completes with data.
+    let mut r = Rig::new();
+    r.start(1);
+    r.mem.write(BUF, &[0xee; 512]).unwrap();
+    let ct = CT + 0x10000;
+    let mut hdr = [0u8; 32];
+    hdr[0..4].copy_from_slice(&(5u32 | 1 << 16).to_le_bytes());
+    hdr[8..16].copy_from_slice(&ct.to_le_bytes());
+    r.mem.write(CLB + 0x10000, &hdr).unwrap();
+    r.mem.write(ct, &h2d(ata::IDENTIFY_DEVICE, 0, 0)).unwrap();
+    r.pw(1, PX_CI, 1);
+    assert_eq!(r.pr(1, PX_CI), 0);
+    assert_eq!(r.pr(1, PX_IS), pxis::TFES | pxis::DHRS);
+    assert_eq!(r.guest(BUF, 512), vec![0xee; 512]);
+}
+
+#[test]
+fn read_only_disk_aborts_writes() {
+    let mut r = Rig::new();
+    let img = Arc::new(MemImage::new(vec![0; 64 * 512], true));
+    r.ctrl.attach_disk(2, img.clone()).unwrap();
+    assert!(matches!(r.ctrl.attach_disk(2, img.clone()), Err(AhciError::Occupied(2))));
+    assert!(matches!(r.ctrl.attach_disk(6, img.clone()), Err(AhciError::BadPort(6))));
+    r.start(2);
+    let ct = CT + 0x20000;
+    let mut hdr = [0u8; 32];
+    hdr[0..4].copy_from_slice(&(5u32 | 1 << 6 | 1 << 16).to_le_bytes());
+    hdr[8..16].copy_from_slice(&ct.to_le_bytes());
+    r.mem.write(CLB + 0x20000, &hdr).unwrap();
+    r.mem.write(ct, &h2d(ata::WRITE_DMA_EXT, 0, 1)).unwrap();
+    r.mem.write(ct + 0x80, &[0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 1, 0, 0]).unwrap();
+    r.pw(2, PX_CI, 1);
+    assert_eq!(r.pr(2, PX_TFD), 0x451);
+    assert_eq!(img.contents(), vec![0; 64 * 512]);
+}
+
+#[test]
+fn software_reset_through_control_fis() {
+    let mut r = Rig::new();
+    r.start(0);
+    let mut srst = [0u8; 20];
+    srst[0] = 0x27;
+    srst[15] = 0x04;
+    r.build(0, srst, &[], false);
+    r.issue(0);
+    assert_eq!(r.pr(0, PX_CI), 0);
+    assert_eq!(r.pr(0, PX_TFD), 0x80);
+    srst[15] = 0;
+    r.mem.write(FB + cmd::RX_RFIS, &[0; 20]).unwrap();
+    r.build(1, srst, &[], false);
+    r.issue(1);
+    assert_eq!((r.pr(0, PX_TFD), r.pr(0, PX_SIG)), (0x150, 0x101));
+    assert_eq!(&r.fis(cmd::RX_RFIS, 4), &[0x34, 0, 0x50, 1]);
+    assert_eq!(r.pr(0, PX_IS), 0);
+}
+
+#[test]
+fn commands_wait_for_bus_mastering() {
+    let mut r = Rig::new();
+    r.start(0);
+    r.cmdw.store(0, std::sync::atomic::Ordering::Release);
+    r.build(0, h2d(ata::FLUSH_CACHE, 0, 0), &[], false);
+    r.issue(0);
+    assert_eq!((r.pr(0, PX_CI), r.pr(0, PX_IS)), (1, 0));
+    r.cmdw.store(PCI_COMMAND_MASTER, std::sync::atomic::Ordering::Release);
+    r.issue(0);
+    assert_eq!((r.pr(0, PX_CI), r.pr(0, PX_IS)), (0, pxis::DHRS));
+}
+
+#[test]
+fn msi_replaces_intx_when_enabled() {
+    let sink = Arc::new(RecordingIrqSink::default());
+    let mem = Arc::new(TestRam::new(RAM));
+    let buses = PciBuses { pio: Arc::new(Bus::new("pio")), mmio: Arc::new(Bus::new("mmio")) };
+    let (ctrl, mut f) = build(mem.clone(), sink.clone(), 4, &buses).unwrap();
+    let img = Arc::new(MemImage::new(vec![0; 64 * 512], false));
+    ctrl.lock().unwrap().attach_disk(0, img).unwrap();
+    assert_eq!(f.config_read(0), 0x2922_8086);
+    assert_eq!(f.config_read(8), 0x0106_0102);
+    assert_eq!(f.config_read(0x3c) >> 8 & 0xff, 1, "INTA#");
+    assert_eq!(f.config_read(0x34), 0x80);
+    assert_eq!(f.config_read(0x80) & 0xff_ffff, 0x80a805);
+    assert_eq!(f.config_read(0xa8), 0x0010_0012);
+    assert_eq!(f.config_read(0xac), 0x48);
+    // BAR sizing and mapping.
+    f.config_write(0x24, u32::MAX, 0xf);
+    assert_eq!(f.config_read(0x24), 0xffff_f000);
+    f.config_write(0x20, u32::MAX, 0xf);
+    assert_eq!(f.config_read(0x20), 0xffff_ffe1);
+    f.config_write(0x24, 0xfebf_0000, 0xf);
+    f.config_write(0x20, 0xc040, 0xf);
+    f.config_write(4, u32::from(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | 1), 0x3);
+    assert_eq!(f.abar(), Some(0xfebf_0000));
+    let mut b = [0u8; 4];
+    buses.mmio.read_sync(0xfebf_0000 + HBA_VS, &mut b);
+    assert_eq!(u32::from_le_bytes(b), VS);
+    // The index/data pair reaches the same registers.
+    buses.pio.write_sync(0xc050, &(HBA_PI as u32).to_le_bytes());
+    buses.pio.read_sync(0xc054, &mut b);
+    assert_eq!(u32::from_le_bytes(b), PI);
+
+    let mmio = buses.mmio.clone();
+    let w = |off: u64, v: u32| mmio.write_sync(0xfebf_0000 + off, &v.to_le_bytes());
+    let run_flush = |slot: u64| {
+        let ct = CT + slot * 0x1000;
+        let mut hdr = [0u8; 32];
+        hdr[0..4].copy_from_slice(&5u32.to_le_bytes());
+        hdr[8..16].copy_from_slice(&ct.to_le_bytes());
+        mem.write(CLB + slot * 32, &hdr).unwrap();
+        mem.write(ct, &h2d(ata::FLUSH_CACHE, 0, 0)).unwrap();
+        w(0x100 + PX_CI, 1 << slot);
+    };
+    w(0x100 + PX_CLB, CLB as u32);
+    w(0x100 + PX_FB, FB as u32);
+    w(0x100 + PX_CMD, pxcmd::FRE | pxcmd::SUD | pxcmd::ST);
+    w(0x100 + PX_IE, pxis::DHRS);
+    w(HBA_GHC, GHC_IE);
+    sink.take();
+    run_flush(0);
+    assert_eq!(sink.take(), vec![IrqEvent::Intx(4, 0, true)]);
+    w(0x100 + PX_IS, u32::MAX);
+    w(HBA_IS, 1);
+    assert_eq!(sink.take(), vec![IrqEvent::Intx(4, 0, false)]);
+    // Enable MSI: address/data programmed, then the enable bit.
+    f.config_write(0x84, 0xfee0_0000, 0xf);
+    f.config_write(0x8c, 0x0031, 0x3);
+    f.config_write(0x80, 1 << 16, 0x4);
+    run_flush(1);
+    assert_eq!(sink.take(), vec![IrqEvent::Msi(0xfee0_0000, 0x31)]);
+    // A second event before the guest acknowledges the first is a second message.
+    run_flush(2);
+    assert_eq!(sink.take(), vec![IrqEvent::Msi(0xfee0_0000, 0x31)]);
+    // Masked at the HBA (GHC.IE clear): nothing.
+    w(0x100 + PX_IS, u32::MAX);
+    w(HBA_IS, 1);
+    w(HBA_GHC, 0);
+    run_flush(3);
+    assert!(sink.take().is_empty());
+    // Save/restore of both sections, then reset.
+    let pf = payload(&f);
+    let pc = payload(&*ctrl.lock().unwrap());
+    assert_prefixes_fail(&f, &pf);
+    load(&mut f, &pf).unwrap();
+    load(&mut *ctrl.lock().unwrap(), &pc).unwrap();
+    assert!(msi_enabled(&f));
+    f.reset();
+    assert!(!msi_enabled(&f));
+}
+
+fn msi_enabled(f: &Ich9Ahci) -> bool {
+    f.config_space().word(0x82) & 1 != 0
+}
+
+#[test]
+fn snapshot_round_trip() {
+    let mut a = Rig::new();
+    a.start(0);
+    a.build(0, h2d(ata::SET_MULTIPLE_MODE, 0, 4), &[], false);
+    a.issue(0);
+    a.build(1, h2d(ata::IDENTIFY_PACKET_DEVICE, 0, 0), &[], false);
+    a.issue(1); // halts the port with TFES pending
+    a.pw(1, PX_CMD, pxcmd::SUD);
+    a.pw(1, PX_SCTL, 0x301);
+    a.ctrl.idp_index = 0x10;
+    let p = payload(&a.ctrl);
+    assert_prefixes_fail(&a.ctrl, &p);
+    let mut b = Rig::new();
+    load(&mut b.ctrl, &p).unwrap();
+    assert_eq!(payload(&b.ctrl), p);
+    assert_eq!(b.sink.take(), vec![IrqEvent::Intx(3, 0, true)], "the line comes back up");
+    assert_eq!(b.pr(0, PX_TFD), 0x451);
+    assert!(b.ctrl.ports[0].halted);
+    // Restoring into a controller with different devices or with bad values fails.
+    let mut c = Rig::new();
+    c.ctrl.attach_disk(3, Arc::new(MemImage::new(vec![0; 512], false))).unwrap();
+    assert!(load(&mut c.ctrl, &p).is_err());
+    let mut bad = p.clone();
+    bad[0] = 0xff; // GHC reserved bits
+    assert!(load(&mut b.ctrl, &bad).is_err());
+    // Power-on reset clears everything but the attachment.
+    b.ctrl.reset();
+    assert_eq!((b.pr(0, PX_CMD), b.pr(0, PX_TFD), b.r(HBA_GHC)), (pxcmd::POD, 0x7f, GHC_AE));
+    assert!(b.ctrl.has_device(0));
+    assert!(b.ctrl.detach(0).is_ok());
+    assert!(!b.ctrl.has_device(0));
+    assert!(matches!(b.ctrl.detach(0), Err(AhciError::Empty(0))));
+}
