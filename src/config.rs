@@ -148,7 +148,7 @@ pub fn check_smp(n: u32) -> Result<u32, ConfigError> {
 }
 
 /// `file=PATH[,if=ide|ahci][,readonly=on|off][,format=raw|qcow2][,media=disk|cdrom]`; a CD-ROM
-/// drive (`if=ide` only) may leave out `file=` to start empty, and is always read-only.
+/// drive (IDE or AHCI) may leave out `file=` to start empty, and is always read-only.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadDisk(s.to_string(), why.to_string());
     let mut path = None;
@@ -184,9 +184,6 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         }
     }
     if media == DiskMedia::Cdrom {
-        if interface != DiskInterface::Ide {
-            return Err(bad("CD-ROM drives are IDE only (if=ide)"));
-        }
         readonly = true;
         if path.is_none() {
             return Ok(DiskConfig {
@@ -305,6 +302,10 @@ mod tests {
         assert!(e.contains("CD-ROM image"), "{e}");
         let a = parse_disk("file=/etc/hostname,if=ahci").unwrap();
         assert_eq!((a.interface, a.index), (DiskInterface::Ahci, None));
+        let acd = parse_disk("file=/etc/hostname,if=ahci,media=cdrom").unwrap();
+        assert!(acd.is_cdrom() && acd.readonly && acd.has_medium() && acd.interface == DiskInterface::Ahci);
+        let acd = parse_disk("if=ahci,media=cdrom").unwrap();
+        assert!(acd.is_cdrom() && !acd.has_medium() && acd.interface == DiskInterface::Ahci);
         let mut many = vec![a.clone(); 6];
         many.extend(vec![d.clone(); 4]);
         assert!(check_disks(&many).is_ok());

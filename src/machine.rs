@@ -320,8 +320,8 @@ impl Machine {
         cfg.disks.iter().any(|d| d.interface == DiskInterface::Ahci)
     }
 
-    /// The AHCI controller with the AHCI disks on their ports (given, or the free ones in order),
-    /// and its PCI function (INTA# and MSI), if any disk uses AHCI.
+    /// The AHCI controller with the AHCI disks and CD-ROM drives on their ports (given, or the
+    /// free ones in order), and its PCI function (INTA# and MSI), if any drive uses AHCI.
     fn build_ahci(
         cfg: &MachineConfig,
         env: &MachineEnv,
@@ -335,11 +335,21 @@ impl Machine {
         let given: Vec<usize> = disks.iter().filter_map(|d| d.index.map(usize::from)).collect();
         let mut free = (0..ahci::NUM_PORTS).filter(|p| !given.contains(p));
         for d in disks {
-            let img = storage::open_image(&d.path, d.format, d.readonly)
-                .map_err(|err| MachineError::Disk { path: d.path.display().to_string(), err })?;
-            // Disks without a port take the free ones in order (more than six fail below).
+            let open = |ro| {
+                storage::open_image(&d.path, d.format, ro)
+                    .map_err(|err| MachineError::Disk { path: d.path.display().to_string(), err })
+            };
+            // Drives without a port take the free ones in order (more than six fail below).
             let port = d.index.map(usize::from).or_else(|| free.next()).unwrap_or(ahci::NUM_PORTS);
-            ctrl.lock().unwrap_or_else(|p| p.into_inner()).attach_disk(port, img)?;
+            let mut c = ctrl.lock().unwrap_or_else(|p| p.into_inner());
+            if d.is_cdrom() {
+                // A CD medium is read-only whatever the configuration says; no medium = empty drive.
+                let media = if d.has_medium() { Some(open(true)?) } else { None };
+                let cd = storage::CdConfig { serial: format!("HVA{:04}", port + 1), ..Default::default() };
+                c.attach_cdrom(port, media, cd)?;
+            } else {
+                c.attach_disk(port, open(d.readonly)?)?;
+            }
         }
         Ok(Some((ctrl, Arc::new(Mutex::new(func)))))
     }
@@ -882,6 +892,11 @@ mod tests {
     /// A Xen or KVM machine with AHCI disks on ports 0 and 2 (and one IDE disk), over
     /// temporary raw images that are removed when the returned guard drops.
     fn ahci_machine(xen: bool) -> (Machine, TempImages) {
+        ahci_machine_with(xen, Vec::new())
+    }
+
+    /// [`ahci_machine`] with `extra` drives after its three disks.
+    fn ahci_machine_with(xen: bool, extra: Vec<crate::config::DiskConfig>) -> (Machine, TempImages) {
         let dir = std::env::temp_dir();
         let paths: Vec<std::path::PathBuf> = (0..3)
             .map(|i| dir.join(format!("hvmdm-ahci-test-{}-{xen}-{i}.img", std::process::id())))
@@ -913,7 +928,10 @@ mod tests {
                 disk(0, DiskInterface::Ahci, Some(2)),
                 disk(1, DiskInterface::Ide, None),
                 disk(2, DiskInterface::Ahci, None),
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect(),
             serial: SerialConfig::None,
             firmware_log: None,
             boot_order: "c".into(),
@@ -997,6 +1015,36 @@ mod tests {
             assert_eq!(m.pci_config_read(0, df, 0x24, 4), 0);
             m.shutdown();
         }
+    }
+
+    /// `--disk file=X.iso,if=ahci,media=cdrom` and `--disk if=ahci,media=cdrom`: ATAPI drives on
+    /// the next free port and on a given one, with and without a medium.
+    #[test]
+    fn ahci_cdrom_drives() {
+        let iso = std::env::temp_dir().join(format!("hvmdm-ahci-cd-{}.iso", std::process::id()));
+        std::fs::write(&iso, vec![0x5au8; 8 * 2048]).unwrap();
+        let _guard = TempImages(vec![iso.clone()]);
+        let mut with_medium =
+            crate::config::parse_disk(&format!("file={},if=ahci,media=cdrom", iso.display())).unwrap();
+        with_medium.index = Some(4);
+        let empty = crate::config::parse_disk("if=ahci,media=cdrom").unwrap();
+        let (m, _imgs) = ahci_machine_with(false, vec![with_medium, empty]);
+        let (ctrl, _) = m.ahci.as_ref().unwrap();
+        let c = ctrl.lock().unwrap();
+        let cd = c.cdrom(4).unwrap();
+        assert!(cd.has_media() && cd.media().unwrap().is_read_only());
+        assert_eq!(cd.capacity_blocks(), 8);
+        assert!(!c.cdrom(1).unwrap().has_media(), "the empty drive takes the first free port");
+        assert!(c.cdrom(0).is_none() && c.has_device(0), "port 0 keeps its disk");
+        drop(c);
+        m.pci_config_write(0, devfn(AHCI_SLOT, 0), 0x24, 4, 0xfebf_0000);
+        m.pci_config_write(0, devfn(AHCI_SLOT, 0), 0x04, 2, 0x6);
+        let port4 = 0xfebf_0000 + 0x100 + 4 * 0x80;
+        m.mmio.write_sync(port4 + 0x18, &0x12u32.to_le_bytes());
+        let mut b = [0u8; 4];
+        m.mmio.read_sync(port4 + 0x24, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0xeb14_0101, "ATAPI signature");
+        m.shutdown();
     }
 
     /// xen-save-devices-state / -incoming: a fresh machine of the same configuration continues

@@ -1,16 +1,20 @@
 //! The ICH9 AHCI controller (`hvmdm_devices::storage::ahci`) with its PCI function: a writable
-//! 64-sector disk on port 0, a read-only 16-sector disk on port 1, ports 2..5 empty, `TestRam`
+//! 64-sector disk on port 0, a read-only 16-sector disk on port 1, an ATAPI CD-ROM drive with a
+//! 24-block medium on port 2, ports 3..5 empty, `TestRam`
 //! (256 KiB) for command lists, FIS areas, command tables and data. Input: ABAR and index/data
 //! pair accesses of any size, config-space writes (MSI, command register), RAM pokes, and whole
 //! commands built from the input: command headers (CFL, W, PRDTL, CTBA in RAM / at its end /
 //! outside), command FISes (H2D command or control, reserved FIS types, every ATA opcode the
-//! layer knows plus NCQ, LBAs in range / at the end / past it / raw), PRDTs (zero length, entries
-//! in and past RAM, odd byte counts, I bits), port start/stop, COMRESET, HBA reset, bus-master
-//! enable, save/restore and device resets.
+//! layer knows plus NCQ, LBAs in range / at the end / past it / raw), PACKET commands with CDBs
+//! in the ACMD area (every SCSI opcode the ATAPI layer knows with fuzzed LBAs, lengths and
+//! allocation lengths, or raw bytes; DMA or PIO; header A bit or not), PRDTs (zero length, entries
+//! in and past RAM, odd byte counts, I bits), host media insert/eject (forced or not), port
+//! start/stop, COMRESET, HBA reset, bus-master enable, save/restore and device resets.
 //!
 //! Checks beyond "no panic/hang/leak":
-//! - the images are only written whole sectors inside the writable disk; the read-only image
-//!   never changes and no request reaches past an image's end;
+//! - the images are only written whole sectors inside the writable disk; the read-only image and
+//!   the CD never change and no request reaches past an image's end;
+//! - PxSIG is all-ones or the device's signature (ATA on the disks, ATAPI on the CD port);
 //! - register invariants after every step: CR follows ST, FR follows FRE, PxCI and PxSACT are 0
 //!   while ST is clear, PxIS/PxIE hold only existing bits, IS only implemented ports, GHC.AE set,
 //!   empty ports never link (SSTS.DET 0 or 4) and never get a signature;
@@ -26,8 +30,11 @@ use hvmdm_devices::irq::RecordingIrqSink;
 use hvmdm_devices::mem::{GuestRam, TestRam};
 use hvmdm_devices::pci::{PciBuses, PciFunction, PCI_COMMAND_MASTER};
 use hvmdm_devices::snapshot::{SectionReader, SectionWriter, Snapshot};
-use hvmdm_devices::storage::ahci::{self, pxcmd, pxis, AhciController, Ich9Ahci, REGION_ABAR, REGION_IDP};
+use hvmdm_devices::storage::ahci::{
+    self, pxcmd, pxis, AhciController, Ich9Ahci, REGION_ABAR, REGION_IDP, SIG_ATA, SIG_ATAPI,
+};
 use hvmdm_devices::storage::ata::cmd;
+use hvmdm_devices::storage::atapi::{op as scsi, CdConfig};
 use hvmdm_devices::storage::{BlockBackend, BlockError, MemImage};
 use libfuzzer_sys::fuzz_target;
 
@@ -35,8 +42,30 @@ const RAM_SIZE: u64 = 0x4_0000;
 const SECTOR: u64 = 512;
 const RW_SECTORS: u64 = 64;
 const RO_SECTORS: u64 = 16;
+const CD_BLOCKS: u64 = 24;
+const CD_PORT: u8 = 2;
 
-const OPCODES: [u8; 24] = [
+const SCSI_OPCODES: [u8; 17] = [
+    scsi::TEST_UNIT_READY,
+    scsi::REQUEST_SENSE,
+    scsi::INQUIRY,
+    scsi::START_STOP_UNIT,
+    scsi::PREVENT_ALLOW_MEDIUM_REMOVAL,
+    scsi::READ_CAPACITY,
+    scsi::READ_10,
+    scsi::SEEK_10,
+    scsi::READ_TOC,
+    scsi::GET_CONFIGURATION,
+    scsi::GET_EVENT_STATUS_NOTIFICATION,
+    scsi::READ_DISC_INFORMATION,
+    scsi::MODE_SENSE_10,
+    scsi::READ_12,
+    scsi::SET_CD_SPEED,
+    scsi::MECHANISM_STATUS,
+    scsi::READ_CD,
+];
+
+const OPCODES: [u8; 25] = [
     cmd::IDENTIFY_DEVICE,
     cmd::IDENTIFY_PACKET_DEVICE,
     cmd::READ_DMA,
@@ -61,6 +90,7 @@ const OPCODES: [u8; 24] = [
     cmd::EXECUTE_DEVICE_DIAGNOSTIC,
     cmd::CHECK_POWER_MODE,
     cmd::PACKET,
+    cmd::DEVICE_RESET,
 ];
 
 /// A `MemImage` that records out-of-range and partial-sector requests.
@@ -174,6 +204,64 @@ enum FisKind {
     Reserved(u8),
 }
 
+/// The ATAPI command packet of a PACKET command.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Cdb {
+    /// A known opcode; `lba` at bytes 2..6, `len` at 7..9 (READ(10) and the allocation lengths
+    /// of the 10-byte commands) and 6..10 (READ(12)), `alloc` at byte 4 (6-byte commands) and
+    /// `b1`/`b9` in the flag bytes (READ CD's transfer length takes byte 6 too).
+    Known {
+        op: u8,
+        lba: Lba,
+        len: u32,
+        alloc: u8,
+        b1: u8,
+        b9: u8,
+    },
+    Raw([u8; 12]),
+}
+
+impl Cdb {
+    fn bytes(self) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        match self {
+            Cdb::Known { op, lba, len, alloc, b1, b9 } => {
+                let op = SCSI_OPCODES[usize::from(op) % SCSI_OPCODES.len()];
+                c[0] = op;
+                c[1] = b1;
+                let lba = match lba {
+                    Lba::In(n) => u64::from(n) % CD_BLOCKS,
+                    Lba::NearEnd(n) => CD_BLOCKS.saturating_sub(u64::from(n % 8)),
+                    Lba::PastEnd(n) => CD_BLOCKS + u64::from(n),
+                    Lba::Raw(v) => v,
+                } as u32;
+                if matches!(
+                    op,
+                    scsi::INQUIRY
+                        | scsi::REQUEST_SENSE
+                        | scsi::START_STOP_UNIT
+                        | scsi::PREVENT_ALLOW_MEDIUM_REMOVAL
+                ) {
+                    c[4] = alloc;
+                } else {
+                    c[2..6].copy_from_slice(&lba.to_be_bytes());
+                }
+                if op == scsi::READ_12 {
+                    c[6..10].copy_from_slice(&len.to_be_bytes());
+                } else {
+                    c[7..9].copy_from_slice(&(len as u16).to_be_bytes());
+                    if op == scsi::READ_CD {
+                        c[6] = (len >> 16) as u8;
+                    }
+                    c[9] = b9;
+                }
+            }
+            Cdb::Raw(b) => c[..12].copy_from_slice(&b),
+        }
+        c
+    }
+}
+
 #[derive(Arbitrary, Debug)]
 struct Command {
     port: u8,
@@ -196,24 +284,64 @@ struct Command {
     extra_prdtl: u8,
     set_sact: bool,
     issue: bool,
+    /// PACKET: the command packet, the A bit of the header.
+    cdb: Cdb,
+    atapi: bool,
 }
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Write { off: u16, size: u8, val: u64 },
-    Read { off: u16, size: u8 },
-    Idp { off: u8, write: bool, val: u32, size: u8 },
-    Config { reg: u8, val: u32, mask: u8 },
+    Write {
+        off: u16,
+        size: u8,
+        val: u64,
+    },
+    Read {
+        off: u16,
+        size: u8,
+    },
+    Idp {
+        off: u8,
+        write: bool,
+        val: u32,
+        size: u8,
+    },
+    Config {
+        reg: u8,
+        val: u32,
+        mask: u8,
+    },
     /// Enables MSI with an address/data.
-    Msi { on: bool, data: u16 },
-    Poke { addr: u32, bytes: Vec<u8> },
+    Msi {
+        on: bool,
+        data: u16,
+    },
+    Poke {
+        addr: u32,
+        bytes: Vec<u8>,
+    },
     /// Lists, FIS receive, spin-up and start, as drivers do.
-    Start { port: u8, clb: Addr, fb: Addr, ie: u32, ghc_ie: bool },
-    Stop { port: u8 },
-    Comreset { port: u8 },
+    Start {
+        port: u8,
+        clb: Addr,
+        fb: Addr,
+        ie: u32,
+        ghc_ie: bool,
+    },
+    Stop {
+        port: u8,
+    },
+    Comreset {
+        port: u8,
+    },
     HbaReset,
     BusMaster(bool),
     Command(Command),
+    /// Host media change on the CD port: insert the medium again, or eject it.
+    Media {
+        insert: bool,
+        force: bool,
+    },
     SaveRestore,
     Reset,
 }
@@ -222,10 +350,19 @@ struct Rig {
     mem: Arc<TestRam>,
     ctrl: Arc<Mutex<AhciController>>,
     func: Ich9Ahci,
-    disks: [Arc<Watched>; 2],
+    /// Port 0, port 1, the CD medium.
+    disks: [Arc<Watched>; 3],
 }
 
-fn build(disks: &[Arc<Watched>; 2]) -> (Arc<TestRam>, Arc<Mutex<AhciController>>, Ich9Ahci) {
+fn images() -> [Arc<Watched>; 3] {
+    [
+        Arc::new(Watched::new(RW_SECTORS, false)),
+        Arc::new(Watched::new(RO_SECTORS, true)),
+        Arc::new(Watched::new(CD_BLOCKS * 4, true)),
+    ]
+}
+
+fn build(disks: &[Arc<Watched>; 3]) -> (Arc<TestRam>, Arc<Mutex<AhciController>>, Ich9Ahci) {
     let mem = Arc::new(TestRam::new(RAM_SIZE as usize));
     let sink = Arc::new(RecordingIrqSink::default());
     let buses = PciBuses { pio: Arc::new(Bus::new("pio")), mmio: Arc::new(Bus::new("mmio")) };
@@ -234,13 +371,14 @@ fn build(disks: &[Arc<Watched>; 2]) -> (Arc<TestRam>, Arc<Mutex<AhciController>>
         let mut c = ctrl.lock().unwrap();
         c.attach_disk(0, disks[0].clone()).unwrap();
         c.attach_disk(1, disks[1].clone()).unwrap();
+        c.attach_cdrom(usize::from(CD_PORT), Some(disks[2].clone()), CdConfig::default()).unwrap();
     }
     (mem, ctrl, func)
 }
 
 impl Rig {
     fn new() -> Self {
-        let disks = [Arc::new(Watched::new(RW_SECTORS, false)), Arc::new(Watched::new(RO_SECTORS, true))];
+        let disks = images();
         let (mem, ctrl, mut func) = build(&disks);
         func.config_write(4, u32::from(PCI_COMMAND_MASTER), 0x3);
         Rig { mem, ctrl, func, disks }
@@ -251,7 +389,8 @@ impl Rig {
         let mut r = Rig::new();
         for port in 0..3u8 {
             let base = 0x1000 * (u32::from(port) + 1);
-            let start = Op::Start { port, clb: Addr::In(base), fb: Addr::In(base + 0x400), ie: !0, ghc_ie: true };
+            let start =
+                Op::Start { port, clb: Addr::In(base), fb: Addr::In(base + 0x400), ie: !0, ghc_ie: true };
             r.step(&start);
         }
         r
@@ -271,7 +410,8 @@ impl Rig {
     fn command(&self, c: &Command) {
         let port = c.port % 6;
         let slot = u64::from(c.slot % 32);
-        let clb = u64::from(self.r32(Self::port_reg(port, 0))) | u64::from(self.r32(Self::port_reg(port, 4))) << 32;
+        let clb =
+            u64::from(self.r32(Self::port_reg(port, 0))) | u64::from(self.r32(Self::port_reg(port, 4))) << 32;
         let table = c.table.map_or(0x2_0000 + slot * 0x400, Addr::get) & !0x7f;
         let sectors = if port == 1 { RO_SECTORS } else { RW_SECTORS };
         let lba = match c.lba {
@@ -281,6 +421,8 @@ impl Rig {
             Lba::Raw(v) => v,
         };
         let opcode = match c.op {
+            // Mostly PACKET on the CD port.
+            _ if port == CD_PORT && matches!(c.kind, FisKind::Command2 | FisKind::Command3) => cmd::PACKET,
             Opcode::Known(i) => OPCODES[usize::from(i) % OPCODES.len()],
             Opcode::Raw(v) => v,
         };
@@ -309,7 +451,8 @@ impl Rig {
             fis[12] = (slot as u8) << 3 | (c.feature as u8 & 7);
             fis[4..7].copy_from_slice(&lba.to_le_bytes()[..3]);
         }
-        let good = c.good_prd.then_some(Prd { addr: Addr::In(0x3_0000), dbc: 0xffff, small: false, ibit: true });
+        let good =
+            c.good_prd.then_some(Prd { addr: Addr::In(0x3_0000), dbc: 0xffff, small: false, ibit: true });
         let prds: Vec<[u8; 16]> = good
             .iter()
             .chain(c.prds.iter().take(8))
@@ -322,7 +465,13 @@ impl Rig {
             })
             .collect();
         let prdtl = prds.len() as u32 + u32::from(c.extra_prdtl % 4);
-        let flags = u32::from(c.cfl.map_or(5, |n| n % 32)) | if c.write { 1 << 6 } else { 0 } | prdtl << 16;
+        let flags = u32::from(c.cfl.map_or(5, |n| n % 32))
+            | if c.write { 1 << 6 } else { 0 }
+            | if c.atapi { 1 << 5 } else { 0 }
+            | prdtl << 16;
+        if opcode == cmd::PACKET {
+            let _ = self.mem.write(table.wrapping_add(0x40), &c.cdb.bytes());
+        }
         let mut hdr = [0u8; 32];
         hdr[0..4].copy_from_slice(&flags.to_le_bytes());
         hdr[8..16].copy_from_slice(&table.to_le_bytes());
@@ -401,6 +550,21 @@ impl Rig {
                 self.func.config_write(4, u32::from(v), 0x3);
             }
             Op::Command(c) => self.command(c),
+            Op::Media { insert, force } => {
+                let mut c = self.ctrl.lock().unwrap();
+                if *insert {
+                    c.insert_media(usize::from(CD_PORT), self.disks[2].clone()).unwrap();
+                } else {
+                    let locked = c.cdrom(usize::from(CD_PORT)).unwrap().is_locked();
+                    let r = c.eject_media(usize::from(CD_PORT), *force);
+                    assert_eq!(
+                        r.is_err(),
+                        locked && !*force,
+                        "eject refused only while locked: {:?}",
+                        r.err()
+                    );
+                }
+            }
             Op::SaveRestore => self.save_restore(),
             Op::Reset => {
                 self.func.reset();
@@ -416,11 +580,15 @@ impl Rig {
     fn save_restore(&self) {
         let mut w = SectionWriter::new();
         self.ctrl.lock().unwrap().save(&mut w);
-        let disks = [Arc::new(Watched::new(RW_SECTORS, false)), Arc::new(Watched::new(RO_SECTORS, true))];
+        let disks = images();
         let (_, other, _) = build(&disks);
         let mut o = other.lock().unwrap();
+        // The same configuration: the CD drive empty if it is empty here.
+        if self.ctrl.lock().unwrap().cdrom(usize::from(CD_PORT)).unwrap().media().is_none() {
+            o.eject_media(usize::from(CD_PORT), true).unwrap();
+        }
         let mut r = SectionReader::new("ahci", w.as_bytes());
-        let st = o.decode(1, &mut r).expect("own payload decodes");
+        let st = o.decode(o.section_version(), &mut r).expect("own payload decodes");
         r.finish().expect("own payload fully consumed");
         o.apply(st).unwrap();
         let mut w2 = SectionWriter::new();
@@ -446,9 +614,13 @@ impl Rig {
             assert_eq!(self.r32(Self::port_reg(port, 0x10)) & !pxis::VALID, 0);
             assert_eq!(self.r32(Self::port_reg(port, 0x14)) & !pxis::VALID, 0);
             assert!(self.r32(Self::port_reg(port, 0x20)) <= 0xffff, "TFD has 16 bits");
-            if port >= 2 {
+            let sig = self.r32(Self::port_reg(port, 0x24));
+            if port > CD_PORT {
                 assert!(matches!(self.r32(Self::port_reg(port, 0x28)), 0 | 4), "empty port {port} linked");
-                assert_eq!(self.r32(Self::port_reg(port, 0x24)), 0xffff_ffff);
+                assert_eq!(sig, 0xffff_ffff);
+            } else {
+                let want = if port == CD_PORT { SIG_ATAPI } else { SIG_ATA };
+                assert!(sig == want || sig == 0xffff_ffff, "port {port}: PxSIG {sig:#x}");
             }
         }
         for d in &self.disks {
@@ -457,6 +629,8 @@ impl Rig {
         }
         let ro = Watched::new(RO_SECTORS, true).img.contents();
         assert_eq!(self.disks[1].img.contents(), ro, "read-only image changed");
+        let cd = Watched::new(CD_BLOCKS * 4, true).img.contents();
+        assert_eq!(self.disks[2].img.contents(), cd, "CD medium changed");
         assert_eq!(self.disks[0].img.len(), RW_SECTORS * SECTOR);
     }
 }

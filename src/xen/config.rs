@@ -104,7 +104,7 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
             ArgDiskIf::Ahci { port } => {
                 return Err(unsupported(
                     format!("CD-ROM on AHCI port {port}"),
-                    "ATAPI over AHCI is not implemented yet (issue 4)",
+                    "libxl puts CD-ROM drives on IDE even with hdtype=ahci, so it never asks for this",
                 ))
             }
             ArgDiskIf::Scsi { .. } => {
@@ -310,6 +310,16 @@ mod tests {
             ]
         );
         assert_eq!(o.drive_ids, vec!["ahcidisk-0", "ahcidisk-3"]);
+        // libxl never puts a CD on AHCI; a hand-made command line that does is refused.
+        let e = parse(
+            "-xen-domid 1 -m 512 -device ahci,id=ahci0 \
+             -drive file=/i.iso,if=none,id=ahcicd-1,format=raw \
+             -device ide-cd,bus=ahci0.1,unit=0,drive=ahcicd-1",
+        );
+        assert!(
+            matches!(e, Err(XenConfigError::Unsupported { ref option, ref why }) if option.contains("CD-ROM on AHCI") && why.contains("libxl")),
+            "{e:?}"
+        );
     }
 
     #[test]

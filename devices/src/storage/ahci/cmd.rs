@@ -3,7 +3,8 @@
 
 use thiserror::Error;
 
-use super::super::ata::{cmd as ata_cmd, AtaAction, AtaDisk, AtaError, SectorXfer, Taskfile};
+use super::super::ata::{cmd as ata_cmd, AtaAction, AtaDisk, AtaError, DriveKind, SectorXfer, Taskfile};
+use super::super::atapi::{AtapiAction, AtapiDrive, CDB_LEN, CD_BLOCK_SIZE};
 use super::{pxis, AhciController, PortDevice, PortRegs, SECTOR};
 use crate::mem::{GuestMemError, GuestRam};
 use crate::warn_limited;
@@ -29,7 +30,8 @@ pub(super) const RX_SDBFIS: u64 = 0x58;
 
 // Command header DW0 bits.
 const HDR_CFL: u32 = 0x1f;
-/// Command table: command FIS at 0, PRDT at 0x80.
+/// Command table: command FIS at 0, ATAPI command (ACMD, 16 bytes) at 0x40, PRDT at 0x80.
+const CT_ACMD: u64 = 0x40;
 const CT_PRDT: u64 = 0x80;
 const PRD_SIZE: u64 = 16;
 /// Device control: software reset.
@@ -42,6 +44,11 @@ const ERR_ABRT: u8 = 0x04;
 
 /// Sectors moved per step between image and guest memory (bounds the bounce buffer).
 const CHUNK_SECTORS: u32 = 128;
+/// The same for CD blocks (64 KiB).
+const CHUNK_CD_BLOCKS: u32 = 32;
+/// ATAPI interrupt reason (sector count register): command/data, direction.
+const IREASON_COD: u8 = 0x01;
+const IREASON_IO: u8 = 0x02;
 
 /// Why data could not move between guest memory and the device.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +66,8 @@ enum Failure {
     Ata(AtaError),
     /// The HBA could not fetch the command or move its data; the drive sees an aborted command.
     Hba,
+    /// ATAPI CHECK CONDITION: the error register (sense key << 4 | ABRT).
+    Sense(u8),
 }
 
 impl Failure {
@@ -66,6 +75,7 @@ impl Failure {
         match self {
             Failure::Ata(e) => e.error_bits(),
             Failure::Hba => ERR_ABRT,
+            Failure::Sense(bits) => bits,
         }
     }
 }
@@ -83,6 +93,9 @@ enum Completion {
     D2h(Taskfile),
     /// PIO data-in: PIO Setup FIS with I bit and E_Status (PxIS.PSS), `bytes` moved.
     PioIn(Taskfile, u32),
+    /// ATAPI packet command: after a PIO data-in phase of `Some(bytes)` a PIO Setup FIS
+    /// (PxIS.PSS), then always a D2H Register FIS with I bit (PxIS.DHRS).
+    Packet { tf: Taskfile, pio: Option<u32> },
     /// NCQ: Set Device Bits FIS clearing the slot's PxSACT bit (PxIS.SDBS).
     Sdb,
     /// Control FIS: nothing is sent back.
@@ -303,6 +316,17 @@ impl AhciController {
                 p.regs.tfd = u32::from(ST_OK);
                 (pxis::PSS, RX_PSFIS, pio_setup_fis(&tf, bytes).to_vec())
             }
+            Completion::Packet { tf, pio } => {
+                p.regs.tfd = u32::from(ST_OK);
+                let mut bits = pxis::DHRS;
+                if let Some(bytes) = pio {
+                    let [lo, hi, ..] = bytes.min(0xffff).to_le_bytes();
+                    let ps = Taskfile { count: IREASON_IO, lba_mid: lo, lba_high: hi, ..tf };
+                    post_fis(&*mem, port, &p.regs, RX_PSFIS, &pio_setup_fis(&ps, bytes));
+                    bits |= pxis::PSS;
+                }
+                (bits, RX_RFIS, tf_fis(FIS_D2H, FIS_I, &tf, ST_OK, 0).to_vec())
+            }
             Completion::Sdb => {
                 p.regs.sact &= !(1 << slot);
                 p.regs.tfd = u32::from(ST_OK);
@@ -385,12 +409,15 @@ impl AhciController {
             );
             return (Completion::Error { tf, fail: Failure::Hba, ncq: false }, Some((0, false)));
         };
-        let PortDevice::Disk(disk) = dev;
         let mut prdt = Prdt::new(mem, ctba, prdtl);
-        let completion = if matches!(tf.command, ata_cmd::READ_FPDMA_QUEUED | ata_cmd::WRITE_FPDMA_QUEUED) {
-            Self::run_ncq(disk, &mut prdt, tf, port, slot, &p.regs)
-        } else {
-            Self::run_ata(disk, &mut prdt, tf, port)
+        let completion = match dev {
+            PortDevice::Cdrom(cd) => Self::run_packet_device(cd, &mut prdt, tf, ctba, port),
+            PortDevice::Disk(disk)
+                if matches!(tf.command, ata_cmd::READ_FPDMA_QUEUED | ata_cmd::WRITE_FPDMA_QUEUED) =>
+            {
+                Self::run_ncq(disk, &mut prdt, tf, port, slot, &p.regs)
+            }
+            PortDevice::Disk(disk) => Self::run_ata(disk, &mut prdt, tf, port),
         };
         (completion, Some((prdt.done, prdt.dps)))
     }
@@ -399,13 +426,7 @@ impl AhciController {
         let fail = |tf, fail| Completion::Error { tf, fail, ncq: false };
         match disk.execute(&mut tf) {
             Ok(AtaAction::Complete) => Completion::D2h(tf),
-            Ok(AtaAction::DataIn(buf)) => match prdt.write_guest(&buf) {
-                Ok(()) => Completion::PioIn(tf, buf.len() as u32),
-                Err(e) => {
-                    warn_limited!(format!("ahci-dma-{port}"), "ahci port {port}: PIO data-in failed: {e}");
-                    fail(tf, Failure::Hba)
-                }
-            },
+            Ok(AtaAction::DataIn(buf)) => pio_in(prdt, tf, &buf, port),
             Ok(AtaAction::Transfer(x)) => match transfer(disk, prdt, &x, port) {
                 Ok(()) if !x.dma && !x.write => Completion::PioIn(tf, x.count.saturating_mul(SECTOR as u32)),
                 Ok(()) => Completion::D2h(tf),
@@ -447,6 +468,139 @@ impl AhciController {
         match r {
             Ok(()) => Completion::Sdb,
             Err(fail) => Completion::Error { tf, fail, ncq: true },
+        }
+    }
+}
+
+/// Completion of a PIO data-in command whose data is `buf`: a PRDT too short for it or outside
+/// RAM fails the command (the drive sees it aborted).
+fn pio_in(prdt: &mut Prdt<'_>, tf: Taskfile, buf: &[u8], port: usize) -> Completion {
+    match prdt.write_guest(buf) {
+        Ok(()) => Completion::PioIn(tf, buf.len() as u32),
+        Err(e) => {
+            warn_limited!(format!("ahci-dma-{port}"), "ahci port {port}: PIO data-in failed: {e}");
+            Completion::Error { tf, fail: Failure::Hba, ncq: false }
+        }
+    }
+}
+
+/// Reply data of a packet command to the guest: what fits in the PRDT (a short table is not an
+/// error: the guest learns the count from PRDBC, as QEMU does). Memory faults fail the command.
+fn packet_data(prdt: &mut Prdt<'_>, data: &[u8], port: usize) -> Result<bool, Failure> {
+    match prdt.write_guest(data) {
+        Ok(()) => Ok(true),
+        Err(DmaFault::Short) => Ok(false),
+        Err(e @ DmaFault::Mem(_)) => {
+            warn_limited!(format!("ahci-dma-{port}"), "ahci port {port}: ATAPI data-in failed: {e}");
+            Err(Failure::Hba)
+        }
+    }
+}
+
+/// Media blocks of a READ command to the PRDT, a chunk at a time; stops early (successfully)
+/// when the PRDT is exhausted, so an absurd transfer length never reads more than a chunk beyond
+/// what the guest can take.
+fn packet_read(
+    cd: &mut AtapiDrive,
+    prdt: &mut Prdt<'_>,
+    lba: u32,
+    blocks: u32,
+    port: usize,
+) -> Result<(), Failure> {
+    let mut buf = vec![0u8; blocks.min(CHUNK_CD_BLOCKS) as usize * CD_BLOCK_SIZE];
+    let (mut lba, mut left) = (u64::from(lba), blocks);
+    while left > 0 {
+        let n = left.min(CHUNK_CD_BLOCKS);
+        let b = &mut buf[..n as usize * CD_BLOCK_SIZE];
+        cd.read_blocks(lba, b).map_err(|_| Failure::Sense(cd.error_register()))?;
+        if !packet_data(prdt, b, port)? {
+            break;
+        }
+        lba += u64::from(n);
+        left -= n;
+    }
+    Ok(())
+}
+
+impl AhciController {
+    /// The ATA commands of a packet device, and PACKET itself (ATA8-ACS "PACKET feature set").
+    fn run_packet_device(
+        cd: &mut AtapiDrive,
+        prdt: &mut Prdt<'_>,
+        mut tf: Taskfile,
+        ctba: u64,
+        port: usize,
+    ) -> Completion {
+        let abort = |tf| Completion::Error { tf, fail: Failure::Ata(AtaError::Abort), ncq: false };
+        let mut signature = Taskfile::default();
+        signature.set_signature(DriveKind::Cdrom);
+        match tf.command {
+            ata_cmd::PACKET => Self::run_packet(cd, prdt, tf, ctba, port),
+            ata_cmd::IDENTIFY_PACKET_DEVICE => pio_in(prdt, tf, &cd.identify_packet(), port),
+            // Drivers and firmware tell packet devices apart by these aborting with the ATAPI
+            // signature in the registers.
+            ata_cmd::IDENTIFY_DEVICE | ata_cmd::READ_SECTORS | ata_cmd::READ_SECTORS_NORETRY => {
+                abort(Taskfile { device: tf.device, ..signature })
+            }
+            // The device resets its command state (not the tray lock or medium) and reports its
+            // signature.
+            ata_cmd::DEVICE_RESET | ata_cmd::EXECUTE_DEVICE_DIAGNOSTIC => Completion::D2h(signature),
+            ata_cmd::SET_FEATURES if cd.set_features(tf.feature, tf.count) => Completion::D2h(tf),
+            ata_cmd::CHECK_POWER_MODE => {
+                tf.count = 0xff;
+                Completion::D2h(tf)
+            }
+            ata_cmd::STANDBY_IMMEDIATE
+            | ata_cmd::IDLE_IMMEDIATE
+            | ata_cmd::STANDBY
+            | ata_cmd::IDLE
+            | ata_cmd::SLEEP
+            | ata_cmd::FLUSH_CACHE => Completion::D2h(tf),
+            other => {
+                warn_limited!(
+                    format!("ahci-cd-cmd-{port}"),
+                    "ahci port {port}: ATA command {other:#04x} to a packet device aborted"
+                );
+                abort(tf)
+            }
+        }
+    }
+
+    /// PACKET: the CDB from the ACMD area, its reply or media blocks through the PRDT.
+    fn run_packet(
+        cd: &mut AtapiDrive,
+        prdt: &mut Prdt<'_>,
+        tf: Taskfile,
+        ctba: u64,
+        port: usize,
+    ) -> Completion {
+        let fail = |fail| Completion::Error {
+            tf: Taskfile { count: IREASON_COD | IREASON_IO, ..tf },
+            fail,
+            ncq: false,
+        };
+        // Overlapped/queued packet commands are not supported (IDENTIFY PACKET DEVICE says so).
+        if tf.feature & 0x02 != 0 {
+            return fail(Failure::Ata(AtaError::Abort));
+        }
+        let mut cdb = [0u8; CDB_LEN];
+        if let Err(e) = prdt.mem.read(ctba.wrapping_add(CT_ACMD), &mut cdb) {
+            warn_limited!(format!("ahci-cmd-{port}"), "ahci port {port}: ATAPI command not in RAM: {e}");
+            return fail(Failure::Hba);
+        }
+        let moved = match cd.execute(&cdb) {
+            AtapiAction::Complete => Ok(false),
+            AtapiAction::CheckCondition => Err(Failure::Sense(cd.error_register())),
+            AtapiAction::DataIn(data) => packet_data(prdt, &data, port).map(|_| true),
+            AtapiAction::Read { lba, blocks } => packet_read(cd, prdt, lba, blocks, port).map(|()| true),
+        };
+        let dma = tf.feature & 0x01 != 0;
+        match moved {
+            Ok(data) => Completion::Packet {
+                tf: Taskfile { count: IREASON_COD | IREASON_IO, lba_mid: 0, lba_high: 0, ..tf },
+                pio: (data && !dma).then_some(prdt.done),
+            },
+            Err(f) => fail(f),
         }
     }
 }

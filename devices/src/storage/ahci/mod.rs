@@ -30,9 +30,16 @@
 //!   MSI is sent for each new event when the guest enabled MSI, else INTA# is held high while IS
 //!   is non-zero.
 //!
-//! TODO(atapi): ATAPI over AHCI. [`PortDevice`] only has a disk variant; a CD-ROM variant on the
-//! transport-independent `storage::atapi` module goes beside it (signature 0xEB140101, PACKET
-//! with the ACMD area of the command table, PxCMD.ATAPI).
+//! - ATAPI CD-ROM drives ([`AhciController::attach_cdrom`], on [`super::atapi::AtapiDrive`])
+//!   sign on with PxSIG = 0xEB140101. PACKET (A0h) takes its CDB from the ACMD area of the
+//!   command table (offset 40h); data goes to the PRDT whether the guest asked for DMA (feature
+//!   bit 0) or PIO. PIO data-in posts a PIO Setup FIS (PxIS.PSS) and every packet command ends
+//!   with a D2H Register FIS (PxIS.DHRS): libahci and edk2 take the final ATAPI status from it.
+//!   CHECK CONDITION ends as an error with error register = sense key << 4 | ABRT. A PRDT shorter
+//!   than the reply gets what fits (PRDBC says how much) and the command succeeds, as on QEMU.
+//!   IDENTIFY DEVICE aborts with the ATAPI signature in the FIS; IDENTIFY PACKET DEVICE, DEVICE
+//!   RESET, EXECUTE DEVICE DIAGNOSTIC, SET FEATURES and the power commands work. Media change:
+//!   [`AhciController::insert_media`] / [`AhciController::eject_media`].
 
 mod cmd;
 mod pci;
@@ -45,6 +52,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use super::ata::{AtaDisk, DiskConfig, SECTOR_SIZE};
+use super::atapi::{AtapiDrive, AtapiError, CdConfig};
 use super::image::BlockBackend;
 use crate::bus::{AccessRules, BusDevice, IoResult, RegionId, SharedDevice};
 use crate::irq::IrqSink;
@@ -163,25 +171,42 @@ pub enum AhciError {
     Empty(usize),
     #[error("AHCI port {0}: flushing the image failed")]
     Flush(usize),
+    #[error("AHCI port {0} has no CD-ROM drive")]
+    NotCdrom(usize),
+    #[error("AHCI port {0}: the tray is locked by the guest")]
+    Locked(usize),
 }
 
 /// What sits on a port.
 #[derive(Debug)]
 pub enum PortDevice {
     Disk(AtaDisk),
-    // TODO(atapi): Cdrom(AtapiDrive) once storage/atapi.rs lands.
+    Cdrom(AtapiDrive),
 }
 
+/// PxSIG of an ATA disk and of an ATAPI device (count, LBA low, mid, high of the signature FIS).
+pub const SIG_ATA: u32 = 0x0000_0101;
+pub const SIG_ATAPI: u32 = 0xeb14_0101;
+
 impl PortDevice {
-    fn backend(&self) -> &Arc<dyn BlockBackend> {
+    /// The image (none for an empty CD-ROM drive).
+    fn backend(&self) -> Option<&Arc<dyn BlockBackend>> {
         match self {
-            PortDevice::Disk(d) => d.backend(),
+            PortDevice::Disk(d) => Some(d.backend()),
+            PortDevice::Cdrom(cd) => cd.media(),
         }
     }
     /// PxSIG value of the device's reset signature.
     fn signature(&self) -> u32 {
         match self {
-            PortDevice::Disk(_) => 0x0000_0101,
+            PortDevice::Disk(_) => SIG_ATA,
+            PortDevice::Cdrom(_) => SIG_ATAPI,
+        }
+    }
+    fn reset(&mut self) {
+        match self {
+            PortDevice::Disk(d) => d.reset(),
+            PortDevice::Cdrom(cd) => cd.reset(),
         }
     }
 }
@@ -357,39 +382,93 @@ impl AhciController {
         backend: Arc<dyn BlockBackend>,
         config: DiskConfig,
     ) -> Result<(), AhciError> {
+        let mut disk = AtaDisk::new(backend, config);
+        disk.enable_ncq(NCQ_DEPTH);
+        self.put_device(port, PortDevice::Disk(disk))
+    }
+
+    fn put_device(&mut self, port: usize, dev: PortDevice) -> Result<(), AhciError> {
         self.port_ok(port)?;
         let p = &mut self.ports[port];
         if p.dev.is_some() {
             return Err(AhciError::Occupied(port));
         }
-        let mut disk = AtaDisk::new(backend, config);
-        disk.enable_ncq(NCQ_DEPTH);
-        p.dev = Some(PortDevice::Disk(disk));
+        p.dev = Some(dev);
         Ok(())
     }
 
-    /// Removes a port's device (Xen PV unplug), flushing its image first. The port then reads as
-    /// empty; the guest sees the link drop.
-    pub fn detach(&mut self, port: usize) -> Result<Arc<dyn BlockBackend>, AhciError> {
+    /// Attaches an ATAPI CD-ROM drive holding `media` (read-only; `None`: an empty drive, present
+    /// all the same).
+    pub fn attach_cdrom(
+        &mut self,
+        port: usize,
+        media: Option<Arc<dyn BlockBackend>>,
+        config: CdConfig,
+    ) -> Result<(), AhciError> {
+        self.put_device(port, PortDevice::Cdrom(AtapiDrive::new(media, config)))
+    }
+
+    /// The CD-ROM drive on a port (medium, lock and tray state for QMP `query-block`).
+    pub fn cdrom(&self, port: usize) -> Option<&AtapiDrive> {
+        match &self.ports.get(port)?.dev {
+            Some(PortDevice::Cdrom(cd)) => Some(cd),
+            _ => None,
+        }
+    }
+
+    fn cdrom_mut(&mut self, port: usize) -> Result<&mut AtapiDrive, AhciError> {
+        self.port_ok(port)?;
+        match &mut self.ports[port].dev {
+            Some(PortDevice::Cdrom(cd)) => Ok(cd),
+            _ => Err(AhciError::NotCdrom(port)),
+        }
+    }
+
+    /// Host side (QMP `blockdev-change-medium`): a new medium in the port's CD-ROM drive,
+    /// replacing any old one. The guest sees a UNIT ATTENTION and a new-media event.
+    pub fn insert_media(&mut self, port: usize, backend: Arc<dyn BlockBackend>) -> Result<(), AhciError> {
+        self.cdrom_mut(port)?.insert(backend);
+        Ok(())
+    }
+
+    /// Host side (QMP `eject`): takes the medium out and returns it. Refused with
+    /// [`AhciError::Locked`] while the guest locks the tray (it gets an eject request), unless
+    /// `force`.
+    pub fn eject_media(
+        &mut self,
+        port: usize,
+        force: bool,
+    ) -> Result<Option<Arc<dyn BlockBackend>>, AhciError> {
+        self.cdrom_mut(port)?.eject(force).map_err(|e| match e {
+            AtapiError::Locked => AhciError::Locked(port),
+        })
+    }
+
+    /// Removes a port's device (Xen PV unplug), flushing its image first, and returns the image
+    /// (none for an empty CD-ROM drive). The port then reads as empty; the guest sees the link
+    /// drop.
+    pub fn detach(&mut self, port: usize) -> Result<Option<Arc<dyn BlockBackend>>, AhciError> {
         self.port_ok(port)?;
         let p = &mut self.ports[port];
         let dev = p.dev.take().ok_or(AhciError::Empty(port))?;
         p.sig_pending = false;
         p.regs.tfd = TFD_NO_DEVICE;
         p.regs.sig = SIG_NONE;
-        let backend = dev.backend().clone();
-        backend.flush().map_err(|e| {
-            log::error!("ahci port {port}: flush on detach failed: {e}");
-            AhciError::Flush(port)
-        })?;
+        let backend = dev.backend().cloned();
+        if let Some(b) = &backend {
+            b.flush().map_err(|e| {
+                log::error!("ahci port {port}: flush on detach failed: {e}");
+                AhciError::Flush(port)
+            })?;
+        }
         Ok(backend)
     }
 
     /// Flushes every attached image (before save, shutdown or unplug).
     pub fn flush_all(&self) -> Result<(), AhciError> {
         for (i, p) in self.ports.iter().enumerate() {
-            if let Some(d) = &p.dev {
-                d.backend().flush().map_err(|e| {
+            if let Some(b) = p.dev.as_ref().and_then(PortDevice::backend) {
+                b.flush().map_err(|e| {
                     log::error!("ahci port {i}: flush failed: {e}");
                     AhciError::Flush(i)
                 })?;
@@ -407,9 +486,8 @@ impl AhciController {
         self.hba_reset();
         self.idp_index = 0;
         for p in &mut self.ports {
-            match &mut p.dev {
-                Some(PortDevice::Disk(d)) => d.reset(),
-                None => {}
+            if let Some(d) = &mut p.dev {
+                d.reset();
             }
         }
     }
@@ -728,8 +806,19 @@ struct PortState {
     sig_pending: bool,
     srst: bool,
     halted: bool,
-    disk: Option<super::ata::AtaDiskState>,
+    dev: Option<DevState>,
 }
+
+#[derive(Debug)]
+enum DevState {
+    Disk(super::ata::AtaDiskState),
+    Cdrom(super::atapi::AtapiState),
+}
+
+/// Device kind byte of a port in the snapshot (version 1 had a presence flag: 0 or 1, a disk).
+const SLOT_EMPTY: u8 = 0;
+const SLOT_DISK: u8 = 1;
+const SLOT_CDROM: u8 = 2;
 
 #[derive(Debug)]
 struct AhciState {
@@ -739,15 +828,16 @@ struct AhciState {
     ports: Vec<PortState>,
 }
 
-/// Section "ahci", version 1: global registers, then per port the registers, the reset and
-/// error flags and (if a device is attached) its ATA settings. Commands never stay in flight, so
-/// no transfer state exists.
+/// Section "ahci", version 2: global registers, then per port the registers, the reset and
+/// error flags, the device kind (0 none, 1 disk, 2 CD-ROM) and the device's ATA settings or ATAPI
+/// state. Version 1 (no CD-ROMs) had a presence flag in place of the kind, so it reads the same.
+/// Commands never stay in flight, so no transfer state exists.
 impl Snapshot for AhciController {
     fn section(&self) -> &'static str {
         "ahci"
     }
     fn section_version(&self) -> u32 {
-        1
+        2
     }
     fn save(&self, w: &mut SectionWriter) {
         w.put_u32(self.ghc);
@@ -763,16 +853,24 @@ impl Snapshot for AhciController {
             w.put_bool(p.sig_pending);
             w.put_bool(p.srst);
             w.put_bool(p.halted);
-            w.put_bool(p.dev.is_some());
             match &p.dev {
-                Some(PortDevice::Disk(d)) => d.save_state(w),
-                None => {}
+                Some(PortDevice::Disk(d)) => {
+                    w.put_u8(SLOT_DISK);
+                    d.save_state(w);
+                }
+                Some(PortDevice::Cdrom(cd)) => {
+                    w.put_u8(SLOT_CDROM);
+                    cd.save_state(w);
+                }
+                None => w.put_u8(SLOT_EMPTY),
             }
         }
     }
 
     fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
-        check_version(r, version, 1)?;
+        if version != 1 {
+            check_version(r, version, 2)?;
+        }
         let ghc = r.get_u32()?;
         let is = r.get_u32()?;
         let idp_index = r.get_u32()?;
@@ -792,7 +890,7 @@ impl Snapshot for AhciController {
             let sig_pending = r.get_bool()?;
             let srst = r.get_bool()?;
             let halted = r.get_bool()?;
-            let present = r.get_bool()?;
+            let kind = r.get_u8()?;
             let fixed_cmd = pxcmd::POD
                 | if cmd & pxcmd::FRE != 0 { pxcmd::FR } else { 0 }
                 | if cmd & pxcmd::ST != 0 { pxcmd::CR } else { 0 };
@@ -806,14 +904,22 @@ impl Snapshot for AhciController {
             {
                 return Err(r.bad(format!("port {i}: registers {regs:x?}")));
             }
-            if present != p.dev.is_some() {
-                return Err(r.bad(format!("port {i}: device present {present}, here {}", p.dev.is_some())));
-            }
-            let disk = match &p.dev {
-                Some(PortDevice::Disk(d)) => Some(d.decode_state(r)?),
-                None => None,
+            let dev = match (&p.dev, kind) {
+                (None, SLOT_EMPTY) => None,
+                (Some(PortDevice::Disk(d)), SLOT_DISK) => Some(DevState::Disk(d.decode_state(r)?)),
+                (Some(PortDevice::Cdrom(cd)), SLOT_CDROM) if version >= 2 => {
+                    Some(DevState::Cdrom(cd.decode_state(r)?))
+                }
+                (here, _) => {
+                    let here = match here {
+                        None => SLOT_EMPTY,
+                        Some(PortDevice::Disk(_)) => SLOT_DISK,
+                        Some(PortDevice::Cdrom(_)) => SLOT_CDROM,
+                    };
+                    return Err(r.bad(format!("port {i}: device kind {kind} saved, {here} here")));
+                }
             };
-            ports.push(PortState { regs, sig_pending, srst, halted, disk });
+            ports.push(PortState { regs, sig_pending, srst, halted, dev });
         }
         Ok(PendingState::new(AhciState { ghc, is, idp_index, ports }))
     }
@@ -828,8 +934,11 @@ impl Snapshot for AhciController {
             p.sig_pending = s.sig_pending;
             p.srst = s.srst;
             p.halted = s.halted;
-            if let (Some(PortDevice::Disk(d)), Some(ds)) = (&mut p.dev, &s.disk) {
-                d.apply_state(ds);
+            match (&mut p.dev, &s.dev) {
+                (Some(PortDevice::Disk(d)), Some(DevState::Disk(ds))) => d.apply_state(ds),
+                (Some(PortDevice::Cdrom(cd)), Some(DevState::Cdrom(cs))) => cd.apply_state(cs),
+                // decode checked that the kinds match.
+                _ => {}
             }
         }
         // The INTx level follows the restored registers; no MSI is re-sent (the guest saw it).

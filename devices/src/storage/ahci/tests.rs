@@ -31,13 +31,17 @@ fn pattern(n: usize) -> Vec<u8> {
 impl Rig {
     /// A controller with a disk on port 0 and INTx/MSI wired to a recording sink (slot 3).
     fn new() -> Self {
+        Self::with(|c, img| c.attach_disk(0, img).unwrap())
+    }
+    /// A controller whose port 0 gets what `attach` puts there (`img` is the disk pattern).
+    fn with(attach: impl FnOnce(&mut AhciController, Arc<MemImage>)) -> Self {
         let mem = Arc::new(TestRam::new(RAM));
         let img = Arc::new(MemImage::new(pattern(DISK_SECTORS * 512), false));
         let sink = Arc::new(RecordingIrqSink::default());
         let mut ctrl = AhciController::new(mem.clone());
         let cmdw: CommandWatch = Arc::new(std::sync::atomic::AtomicU16::new(PCI_COMMAND_MASTER));
         ctrl.connect_pci(PciIntx::new(sink.clone(), 3, 0), PciMsi::new(sink.clone()), cmdw.clone());
-        ctrl.attach_disk(0, img.clone()).unwrap();
+        attach(&mut ctrl, img.clone());
         Rig { mem, ctrl, img, sink, cmdw }
     }
     fn w(&mut self, off: u64, v: u32) {
@@ -67,8 +71,12 @@ impl Rig {
     }
     /// Builds slot `slot` of port 0: header, command FIS, PRDT of (address, bytes, I bit).
     fn build(&self, slot: u64, fis: [u8; 20], prds: &[(u64, u32, bool)], write: bool) {
+        self.build_flags(slot, fis, prds, if write { 1 << 6 } else { 0 });
+    }
+    /// Header flags beyond CFL 5 and PRDTL: W (bit 6), A (bit 5).
+    fn build_flags(&self, slot: u64, fis: [u8; 20], prds: &[(u64, u32, bool)], extra: u32) {
         let ct = CT + slot * 0x1000;
-        let flags = 5 | if write { 1 << 6 } else { 0 } | (prds.len() as u32) << 16;
+        let flags = 5 | extra | (prds.len() as u32) << 16;
         let mut hdr = [0u8; 32];
         hdr[0..4].copy_from_slice(&flags.to_le_bytes());
         hdr[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
@@ -683,4 +691,302 @@ fn snapshot_round_trip() {
     assert!(b.ctrl.detach(0).is_ok());
     assert!(!b.ctrl.has_device(0));
     assert!(matches!(b.ctrl.detach(0), Err(AhciError::Empty(0))));
+}
+
+/// ATAPI CD-ROM drives on a port.
+mod cd {
+    use super::*;
+    use crate::storage::atapi::{op, CdConfig, CD_BLOCK_SIZE};
+
+    const CD_BLOCKS: usize = 100;
+
+    fn cd_image() -> Arc<dyn BlockBackend> {
+        Arc::new(MemImage::new(cd_pattern(), true))
+    }
+    fn cd_pattern() -> Vec<u8> {
+        (0..CD_BLOCKS * CD_BLOCK_SIZE).map(|i| (i / CD_BLOCK_SIZE * 5 + i * 3) as u8).collect()
+    }
+
+    /// A CD-ROM drive on port 0 (with a medium or empty), the port started.
+    fn rig(media: bool) -> Rig {
+        let mut r = Rig::with(|c, _| {
+            c.attach_cdrom(0, media.then(cd_image), CdConfig::default()).unwrap();
+        });
+        r.start(0);
+        r.pw(0, PX_CMD, pxcmd::FRE | pxcmd::SUD | pxcmd::ST | pxcmd::ATAPI);
+        r.sink.take();
+        r
+    }
+
+    fn packet(dma: bool) -> [u8; 20] {
+        let mut f = h2d(ata::PACKET, 0, 0);
+        f[3] = u8::from(dma);
+        // Byte count limit (PIO), as Linux sets it.
+        f[5] = 0x00;
+        f[6] = 0x80;
+        f
+    }
+
+    impl Rig {
+        /// Slot `slot`: PACKET with `cdb` in the ACMD area, header bit A set.
+        fn packet(&self, slot: u64, cdb: &[u8], dma: bool, prds: &[(u64, u32, bool)]) {
+            self.build_flags(slot, packet(dma), prds, 1 << 5);
+            let mut acmd = [0u8; 16];
+            acmd[..cdb.len()].copy_from_slice(cdb);
+            self.mem.write(CT + slot * 0x1000 + 0x40, &acmd).unwrap();
+        }
+        /// Issues slot 0 and returns (PxIS, PxTFD), then clears PxIS; after an error restarts
+        /// the port as SeaBIOS and edk2 do (ST off and on).
+        fn run(&mut self) -> (u32, u32) {
+            self.issue(0);
+            assert_eq!(self.pr(0, PX_CI), 0);
+            let out = (self.pr(0, PX_IS), self.pr(0, PX_TFD));
+            self.pw(0, PX_IS, u32::MAX);
+            self.w(HBA_IS, u32::MAX);
+            if out.0 & pxis::TFES != 0 {
+                self.pw(0, PX_CMD, pxcmd::FRE | pxcmd::SUD);
+                self.pw(0, PX_CMD, pxcmd::FRE | pxcmd::SUD | pxcmd::ST);
+            }
+            out
+        }
+        fn cdb(&mut self, cdb: &[u8], dma: bool, prds: &[(u64, u32, bool)]) -> (u32, u32) {
+            self.packet(0, cdb, dma, prds);
+            self.run()
+        }
+    }
+
+    /// TFD of a CHECK CONDITION with sense key `key`.
+    fn check(key: u32) -> u32 {
+        0x51 | (key << 4 | 4) << 8
+    }
+
+    fn read10(lba: u32, blocks: u16) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[0] = op::READ_10;
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn signature_identify_and_ata_commands() {
+        let mut r = rig(true);
+        assert_eq!((r.pr(0, PX_SIG), r.pr(0, PX_TFD), r.pr(0, PX_SSTS)), (SIG_ATAPI, 0x150, 0x113));
+        assert_ne!(r.pr(0, PX_CMD) & pxcmd::ATAPI, 0);
+        let f = r.fis(cmd::RX_RFIS, 20);
+        assert_eq!((f[0], f[4], f[5], f[6], f[12]), (0x34, 1, 0x14, 0xeb, 1));
+        // IDENTIFY DEVICE aborts with the ATAPI signature in the FIS.
+        r.build(0, h2d(ata::IDENTIFY_DEVICE, 0, 0), &[(BUF, 512, false)], false);
+        assert_eq!(r.run(), (pxis::TFES | pxis::DHRS, 0x451));
+        let f = r.fis(cmd::RX_RFIS, 20);
+        assert_eq!((f[2], f[3], f[5], f[6]), (0x51, 0x04, 0x14, 0xeb));
+        assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true), IrqEvent::Intx(3, 0, false)]);
+        // IDENTIFY PACKET DEVICE through a PIO Setup FIS (SeaBIOS's and edk2's probe).
+        r.build(0, h2d(ata::IDENTIFY_PACKET_DEVICE, 0, 0), &[(BUF, 512, false)], false);
+        assert_eq!(r.run(), (pxis::PSS, 0x50));
+        assert_eq!(r.prdbc(0), 512);
+        let ps = r.fis(cmd::RX_PSFIS, 20);
+        assert_eq!((ps[0], ps[1], ps[15]), (0x5f, 0x60, 0x50));
+        let id = r.guest(BUF, 512);
+        assert_eq!(u16::from_le_bytes([id[0], id[1]]) >> 14, 2, "ATAPI");
+        assert_eq!(u16::from_le_bytes([id[0], id[1]]) >> 8 & 0x1f, 5, "CD-ROM");
+        // SET FEATURES (transfer mode), a bad subcommand, CHECK POWER MODE, DEVICE RESET.
+        let mut sf = h2d(ata::SET_FEATURES, 0, 0x44);
+        sf[3] = 0x03;
+        r.build(0, sf, &[], false);
+        assert_eq!(r.run(), (pxis::DHRS, 0x50));
+        sf[3] = 0x77;
+        r.build(0, sf, &[], false);
+        assert_eq!(r.run(), (pxis::TFES | pxis::DHRS, 0x451));
+        r.build(0, h2d(ata::CHECK_POWER_MODE, 0, 0), &[], false);
+        assert_eq!(r.run(), (pxis::DHRS, 0x50));
+        assert_eq!(r.fis(cmd::RX_RFIS, 13)[12], 0xff);
+        r.build(0, h2d(ata::DEVICE_RESET, 0, 0), &[], false);
+        assert_eq!(r.run(), (pxis::DHRS, 0x50));
+        let f = r.fis(cmd::RX_RFIS, 20);
+        assert_eq!((f[1], f[4], f[5], f[6], f[12]), (0x40, 1, 0x14, 0xeb, 1));
+        // NCQ and disk reads are not for packet devices.
+        r.build(0, ncq(false, 0, 0, 1), &[(BUF, 512, false)], false);
+        assert_eq!(r.run(), (pxis::TFES | pxis::DHRS, 0x451));
+        r.build(0, h2d(ata::READ_DMA_EXT, 0, 1), &[(BUF, 512, false)], false);
+        assert_eq!(r.run(), (pxis::TFES | pxis::DHRS, 0x451));
+        // COMRESET brings the ATAPI signature back.
+        r.pw(0, PX_SCTL, 1);
+        assert_eq!(r.pr(0, PX_SIG), 0xffff_ffff);
+        r.pw(0, PX_SCTL, 0);
+        assert_eq!((r.pr(0, PX_SIG), r.pr(0, PX_TFD)), (SIG_ATAPI, 0x150));
+    }
+
+    #[test]
+    fn unit_attention_after_insert_then_request_sense() {
+        let mut r = rig(false);
+        assert!(!r.ctrl.cdrom(0).unwrap().has_media());
+        // No medium: NOT READY / MEDIUM NOT PRESENT, interrupt raised.
+        assert_eq!(r.cdb(&[op::TEST_UNIT_READY], false, &[]), (pxis::TFES | pxis::DHRS, check(2)));
+        let f = r.fis(cmd::RX_RFIS, 20);
+        assert_eq!((f[1], f[2], f[3], f[12]), (0x40, 0x51, 0x24, 3));
+        assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true), IrqEvent::Intx(3, 0, false)]);
+        r.ctrl.insert_media(0, cd_image()).unwrap();
+        assert_eq!(r.cdb(&[op::TEST_UNIT_READY], false, &[]), (pxis::TFES | pxis::DHRS, check(6)));
+        // REQUEST SENSE by PIO: PIO Setup FIS then the D2H FIS with the final status.
+        r.mem.write(FB + cmd::RX_RFIS, &[0; 20]).unwrap();
+        let rs = [op::REQUEST_SENSE, 0, 0, 0, 18, 0];
+        assert_eq!(r.cdb(&rs, false, &[(BUF, 512, false)]), (pxis::PSS | pxis::DHRS, 0x50));
+        assert_eq!(r.prdbc(0), 18);
+        let ps = r.fis(cmd::RX_PSFIS, 20);
+        assert_eq!((ps[0], ps[1], ps[12], ps[15], ps[16]), (0x5f, 0x60, 2, 0x50, 18));
+        let d2h = r.fis(cmd::RX_RFIS, 20);
+        assert_eq!((d2h[0], d2h[1], d2h[2], d2h[3], d2h[12]), (0x34, 0x40, 0x50, 0, 3));
+        let sense = r.guest(BUF, 18);
+        assert_eq!((sense[0], sense[2] & 0xf, sense[12], sense[13]), (0x70, 6, 0x28, 0));
+        // Now ready: a no-data command completes with a D2H FIS only.
+        assert_eq!(r.cdb(&[op::TEST_UNIT_READY], false, &[]), (pxis::DHRS, 0x50));
+        assert_eq!(r.prdbc(0), 0);
+    }
+
+    #[test]
+    fn read_capacity_and_read10_through_two_prds() {
+        let mut r = rig(true);
+        let rc = [op::READ_CAPACITY];
+        assert_eq!(r.cdb(&rc, true, &[(BUF, 8, false)]), (pxis::DHRS, 0x50), "DMA: no PIO Setup");
+        assert_eq!(r.prdbc(0), 8);
+        assert_eq!(r.guest(BUF, 8), vec![0, 0, 0, 99, 0, 0, 8, 0]);
+        // Two blocks at LBA 5: one per PRD, the second with its I bit.
+        let prds = [(BUF, 2048, false), (BUF + 0x8000, 2048, true)];
+        assert_eq!(r.cdb(&read10(5, 2), true, &prds), (pxis::DHRS | pxis::DPS, 0x50));
+        assert_eq!(r.prdbc(0), 4096);
+        let want = cd_pattern();
+        assert_eq!(r.guest(BUF, 2048), want[5 * 2048..6 * 2048]);
+        assert_eq!(r.guest(BUF + 0x8000, 2048), want[6 * 2048..7 * 2048]);
+        // The same by PIO (edk2): PIO Setup with the byte count, then D2H.
+        let prds = [(BUF + 0x10000, 4096, false)];
+        assert_eq!(r.cdb(&read10(98, 2), false, &prds), (pxis::PSS | pxis::DHRS, 0x50));
+        assert_eq!(r.guest(BUF + 0x10000, 4096), want[98 * 2048..]);
+        assert_eq!(u16::from_le_bytes(r.fis(cmd::RX_PSFIS, 18)[16..18].try_into().unwrap()), 4096);
+        // Past the end: ILLEGAL REQUEST, nothing moved.
+        assert_eq!(r.cdb(&read10(99, 2), true, &prds), (pxis::TFES | pxis::DHRS, check(5)));
+        assert_eq!(r.prdbc(0), 0);
+        let rs = [op::REQUEST_SENSE, 0, 0, 0, 18, 0];
+        r.cdb(&rs, true, &[(BUF, 18, false)]);
+        assert_eq!((r.guest(BUF, 14)[2], r.guest(BUF, 14)[12]), (5, 0x21));
+    }
+
+    /// Short PRDTs get what fits; absurd lengths and bad PRDTs end in errors with the interrupt.
+    #[test]
+    fn short_and_bad_prdts_and_absurd_lengths() {
+        let mut r = rig(true);
+        // INQUIRY with allocation length 96 into 8 bytes of PRDT: 8 bytes, success.
+        let inq = [op::INQUIRY, 0, 0, 0, 96, 0];
+        assert_eq!(r.cdb(&inq, true, &[(BUF, 8, false)]), (pxis::DHRS, 0x50));
+        assert_eq!(r.prdbc(0), 8);
+        assert_eq!(r.guest(BUF, 1)[0], 0x05, "CD/DVD device");
+        // No PRDT at all: nothing moves, the command still completes (PIO: the data phase
+        // happened, so a PIO Setup FIS).
+        assert_eq!(r.cdb(&inq, false, &[]), (pxis::PSS | pxis::DHRS, 0x50));
+        assert_eq!(r.prdbc(0), 0);
+        // READ(10) of 64 blocks into 4 KiB: two blocks arrive.
+        r.mem.write(BUF + 4096, &[0xee; 16]).unwrap();
+        assert_eq!(r.cdb(&read10(0, 64), true, &[(BUF, 4096, false)]), (pxis::DHRS, 0x50));
+        assert_eq!(r.prdbc(0), 4096);
+        assert_eq!(r.guest(BUF + 4096, 16), vec![0xee; 16]);
+        // READ(12) of 2^32-1 blocks: LBA out of range, the medium is not read at all.
+        let mut r12 = [0u8; 12];
+        r12[0] = op::READ_12;
+        r12[6..10].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(r.cdb(&r12, true, &[(BUF, 4096, false)]), (pxis::TFES | pxis::DHRS, check(5)));
+        // Allocation length 0xffff for GET CONFIGURATION into a short table: what fits.
+        let gc = [op::GET_CONFIGURATION, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0];
+        assert_eq!(r.cdb(&gc, false, &[(BUF, 8, false)]), (pxis::PSS | pxis::DHRS, 0x50));
+        assert_eq!(r.prdbc(0), 8);
+        // A PRD outside RAM, a data buffer running past RAM: HBA abort with interrupt.
+        r.sink.take();
+        assert_eq!(
+            r.cdb(&read10(0, 1), true, &[(u64::MAX - 100, 2048, false)]),
+            (pxis::TFES | pxis::DHRS, 0x451)
+        );
+        assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true), IrqEvent::Intx(3, 0, false)]);
+        assert_eq!(r.cdb(&inq, false, &[(RAM as u64 - 4, 96, false)]), (pxis::TFES | pxis::DHRS, 0x451));
+        // Unknown opcode and overlapped PACKET.
+        assert_eq!(r.cdb(&[0xff], false, &[]), (pxis::TFES | pxis::DHRS, check(5)));
+        let mut ovl = packet(false);
+        ovl[3] = 0x02;
+        r.build_flags(0, ovl, &[], 1 << 5);
+        assert_eq!(r.run(), (pxis::TFES | pxis::DHRS, 0x451));
+        // The medium is read-only whatever the guest does.
+        assert!(r.ctrl.cdrom(0).unwrap().media().unwrap().is_read_only());
+    }
+
+    #[test]
+    fn lock_refuses_host_eject_and_media_api() {
+        let mut r = rig(true);
+        let lock = [op::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1, 0];
+        assert_eq!(r.cdb(&lock, false, &[]), (pxis::DHRS, 0x50));
+        assert!(r.ctrl.cdrom(0).unwrap().is_locked());
+        assert!(matches!(r.ctrl.eject_media(0, false), Err(AhciError::Locked(0))));
+        assert!(r.ctrl.cdrom(0).unwrap().has_media());
+        // The guest hears about the eject request (GET EVENT STATUS NOTIFICATION, media class).
+        let gesn = [op::GET_EVENT_STATUS_NOTIFICATION, 1, 0, 0, 0x10, 0, 0, 0, 8, 0];
+        assert_eq!(r.cdb(&gesn, true, &[(BUF, 8, false)]), (pxis::DHRS, 0x50));
+        assert_eq!(r.guest(BUF, 5)[4] & 0xf, 1, "eject request");
+        // Forced eject works; the drive is then empty.
+        assert!(r.ctrl.eject_media(0, true).unwrap().is_some());
+        assert_eq!(r.cdb(&read10(0, 1), true, &[(BUF, 2048, false)]), (pxis::TFES | pxis::DHRS, check(2)));
+        // Media calls on the wrong port.
+        r.ctrl.attach_disk(1, r.img.clone()).unwrap();
+        assert!(matches!(r.ctrl.insert_media(1, cd_image()), Err(AhciError::NotCdrom(1))));
+        assert!(matches!(r.ctrl.eject_media(2, false), Err(AhciError::NotCdrom(2))));
+        assert!(matches!(r.ctrl.eject_media(6, false), Err(AhciError::BadPort(6))));
+        assert!(r.ctrl.cdrom(1).is_none() && r.ctrl.cdrom(9).is_none());
+        assert!(matches!(r.ctrl.attach_cdrom(0, None, CdConfig::default()), Err(AhciError::Occupied(0))));
+        // Reset keeps the medium (none now; insert one first) and drops the lock.
+        r.ctrl.insert_media(0, cd_image()).unwrap();
+        r.cdb(&lock, false, &[]);
+        r.ctrl.reset();
+        let cd = r.ctrl.cdrom(0).unwrap();
+        assert!(cd.has_media() && !cd.is_locked());
+        // Flush and detach of an empty drive.
+        r.ctrl.eject_media(0, false).unwrap();
+        assert!(r.ctrl.flush_all().is_ok());
+        assert!(r.ctrl.detach(0).unwrap().is_none());
+    }
+
+    #[test]
+    fn snapshot_round_trip_with_cdrom() {
+        let mut a = rig(true);
+        a.cdb(&[op::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1, 0], false, &[]);
+        a.cdb(&read10(200, 1), true, &[]); // leaves ILLEGAL REQUEST sense
+        a.packet(0, &[op::TEST_UNIT_READY], false, &[]);
+        let p = payload(&a.ctrl);
+        assert_prefixes_fail(&a.ctrl, &p);
+        let mut b = rig(true);
+        load(&mut b.ctrl, &p).unwrap();
+        assert_eq!(payload(&b.ctrl), p);
+        let cd = b.ctrl.cdrom(0).unwrap();
+        assert!(cd.is_locked());
+        assert_eq!(cd.sense().key, 5);
+        assert_eq!(b.pr(0, PX_SIG), SIG_ATAPI);
+        // A disk where the CD was, or no device: refused.
+        assert!(load(&mut Rig::new().ctrl, &p).is_err());
+        assert!(load(&mut Rig::with(|_, _| {}).ctrl, &p).is_err());
+        // A restore into a drive with another medium reports a media change.
+        let mut c = Rig::with(|c, _| {
+            let other: Arc<dyn BlockBackend> = Arc::new(MemImage::new(vec![0; 10 * CD_BLOCK_SIZE], true));
+            c.attach_cdrom(0, Some(other), CdConfig::default()).unwrap();
+        });
+        load(&mut c.ctrl, &p).unwrap();
+        c.build_flags(0, packet(false), &[], 1 << 5);
+        c.mem.write(CT + 0x40, &[0; 16]).unwrap();
+        assert_eq!(c.run(), (pxis::TFES | pxis::DHRS, check(6)));
+        // Version 1 streams (disks only) still load; a version-1 reader rejects a CD kind byte.
+        let d = Rig::new();
+        let v1 = payload(&d.ctrl);
+        let mut e = Rig::new();
+        let mut rd = SectionReader::new("ahci", &v1);
+        let st = e.ctrl.decode(1, &mut rd).unwrap();
+        rd.finish().unwrap();
+        e.ctrl.apply(st).unwrap();
+        let mut rd = SectionReader::new("ahci", &p);
+        assert!(b.ctrl.decode(1, &mut rd).is_err());
+        assert!(b.ctrl.decode(3, &mut SectionReader::new("ahci", &p)).is_err());
+    }
 }
