@@ -9,8 +9,8 @@ export LANEK_NO_CHECK=1
 export HVMDM_BIN=$LANES_DIR/selftest/fake-hvmdm.sh
 rm -rf "$LANEK_OUT"
 ensure_cmd python3 python3
-"$LANES_DIR/run-lane-k.sh" "$LANES_DIR"/selftest/neg-*.sh hvmdm-seabios-ide
-res=$(python3 "$LANES_DIR/check-lane-k.py" "$LANEK_OUT"/neg-*.log "$LANEK_OUT"/hvmdm-seabios-ide.log || true)
+"$LANES_DIR/run-lane-k.sh" "$LANES_DIR"/selftest/neg-*.sh hvmdm-seabios-ide hvmdm-seabios-ahci-boot
+res=$(python3 "$LANES_DIR/check-lane-k.py" "$LANEK_OUT"/neg-*.log "$LANEK_OUT"/hvmdm-seabios-ide.log "$LANEK_OUT"/hvmdm-seabios-ahci-boot.log || true)
 echo "$res"
 got=$(echo "$res" | sed -n 's/^FAIL \([^:]*\).*/\1/p' | sort)
 want=$(sort "$LANES_DIR/selftest/expected-failures")

@@ -3,6 +3,9 @@
 # Userspace LAPIC (kernel-irqchip=off) and -smp 1: see qemu-ovmf-ide-userlapic.sh.
 SCENARIO_TIMEOUT=300
 SCENARIO_MEDIA=1
+# By name only: CI runs the two QEMU storage references that cover the most (seabios-ahci-boot:
+# AHCI disk + CD, NCQ; ovmf-cd-boot: UEFI + ATAPI on AHCI) to keep lane K short.
+SCENARIO_DEFAULT=0
 SCENARIO_STORAGE="gpt data qcow ro ncq"
 SCENARIO_PCI="8086:1237 8086:7000 8086:7010 8086:7113 8086:2922"
 SCENARIO_CHECKS="markers exit acpi errors pci fwlog storage"
