@@ -6,6 +6,7 @@ SCENARIO_MEDIA=1
 SCENARIO_STORAGE="bios data qcow ro"
 SCENARIO_CHECKS="markers exit storage"
 scenario_cmd() {
+    export TMPDIR="$RUN_DIR"   # snapshot=on's temporary overlay (the outer VM has no /var/tmp)
     exec "$VMM_QEMU" -enable-kvm -machine pc -cpu host -m 512M -smp 2 \
         -nodefaults -no-user-config -display none -no-reboot -bios "$SEABIOS" -boot order=c \
         -drive file="$BOOT_BIOS",if=ide,index=0,format=raw \
