@@ -2,7 +2,7 @@
 # selftest.sh: proves the lane-K harness honest. Runs scenarios built to fail one check
 # each (selftest/neg-*.sh; neg-storage breaks two storage guarantees) plus scenarios/hvmdm-seabios-ide.sh with selftest/fake-hvmdm.sh
 # (Debian QEMU behind the hvmdm CLI), and requires exactly the expected FAIL lines.
-# Output goes to tests/lanes/out/selftest/. ~3 min on a 2-core machine.
+# Output goes to tests/lanes/out/selftest/. ~4 min on a 2-core machine.
 source "$(dirname "$0")/lib.sh"
 export LANEK_OUT=$OUT/selftest
 export LANEK_NO_CHECK=1
