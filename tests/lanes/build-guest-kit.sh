@@ -5,8 +5,8 @@
 #   disk-16M-<hash>.img (+ .sha256)    deterministic test disk and its host-side checksum
 #   vmlinuz, initrd.cpio.gz, disk.img, disk.img.sha256, KEY   stable names (symlinks) for the current build
 # Prints the kit directory on stdout. Idempotent: does nothing when the key is unchanged.
-# LANEK_GUEST_TOOLS=1 (opt-in, benchmarks only): also /bin/pio-rate, built statically on the host
-# from guest-tools/pio-rate.c (part of the cache key only then; see benches/README.md).
+# LANEK_GUEST_TOOLS=1 (opt-in, benchmarks only): also /bin/pio-rate and /bin/io-rate, built
+# statically on the host from guest-tools/*.c (part of the cache key only then; see benches/README.md).
 source "$(dirname "$0")/lib.sh"
 
 # Drivers the kit loads; dependencies are resolved from the modules themselves.
@@ -34,7 +34,7 @@ TOOLS=${LANEK_GUEST_TOOLS:-0}
 if [ "$TOOLS" = 1 ]; then
     ensure_cmd gcc gcc
     ensure_file /usr/lib/x86_64-linux-gnu/libc.a libc6-dev
-    ihash=$(hash_files "$LANES_DIR/guest-init.sh" "$LANES_DIR/lib.sh" "$0" "$LANES_DIR/guest-tools/pio-rate.c" | cut -c1-8)t
+    ihash=$(hash_files "$LANES_DIR/guest-init.sh" "$LANES_DIR/lib.sh" "$0" "$LANES_DIR"/guest-tools/*.c | cut -c1-8)t
 fi
 initrd=initrd-$kver-$bbver-$ihash.cpio.gz
 dhash=$(hash_files "$LANES_DIR/make-disk.sh" | cut -c1-8)
@@ -64,7 +64,9 @@ if [ ! -f "$G/$initrd" ]; then
     copy_modules "$work/kernel/lib/modules/$kver" "$root" $GUEST_MODULES
     install -m 0755 "$LANES_DIR/guest-init.sh" "$root/init"
     if [ "$TOOLS" = 1 ]; then
-        gcc -static -O2 -s -o "$root/bin/pio-rate" "$LANES_DIR/guest-tools/pio-rate.c"
+        for c in "$LANES_DIR"/guest-tools/*.c; do
+            gcc -static -O2 -s -pthread -o "$root/bin/$(basename "$c" .c)" "$c"
+        done
     fi
     mkcpio "$root" "$G/$initrd.cpio"
     gzip -6n < "$G/$initrd.cpio" > "$G/$initrd.tmp"

@@ -2,7 +2,7 @@
 # build-lane-k.sh: the lane-K outer VM, cached under tests/lanes/cache/lanek/:
 #   vmlinuz -> the Debian kernel of the guest kit (same package)
 #   base-<key>.cpio (+ base.cpio symlink)  uncompressed newc: busybox, kvm/kvm_amd/irqbypass/ccp,
-#       Debian's qemu-system-x86_64 with its ldd libraries, SeaBIOS/OVMF/qemu data/iPXE ROMs,
+#       Debian's qemu-system-x86_64 and qemu-img with their ldd libraries, SeaBIOS/OVMF/qemu data/iPXE ROMs,
 #       and the guest kit under /kit.
 # /init, the scenario runner, the scenarios and the hvmdm binary go in a small overlay
 # cpio that run-lane-k.sh appends at run time, so they never rebuild the base.
@@ -12,7 +12,7 @@ source "$(dirname "$0")/lib.sh"
 
 OUTER_MODULES="kvm kvm_amd irqbypass ccp"
 # Packages whose files go into the base, installed on the host when missing.
-HOST_PKGS="qemu-system-x86 qemu-system-data seabios ovmf ipxe-qemu"
+HOST_PKGS="qemu-system-x86 qemu-system-data qemu-utils seabios ovmf ipxe-qemu"
 
 need_root
 ensure_cmd cpio cpio
@@ -48,6 +48,8 @@ if [ ! -f "$L/$base" ]; then
     mkdir -p "$root"/{proc,sys,dev,tmp,run,etc,root,kit,lanek}
     copy_modules "$work/kernel/lib/modules/$kver" "$root" $OUTER_MODULES
     copy_with_libs /usr/bin/qemu-system-x86_64 "$root"
+    # run-one.sh checks and reads the qcow2 images after a storage scenario.
+    copy_with_libs /usr/bin/qemu-img "$root"
     # Firmware and ROMs keep their package layout (qemu's data dir symlinks into them).
     for d in /usr/share/qemu /usr/share/seabios /usr/share/OVMF /usr/share/ovmf /usr/lib/ipxe/qemu; do
         [ -d "$d" ] || continue

@@ -15,7 +15,92 @@ import sys
 
 OUT = os.environ.get("LANEK_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
 
-ALL_CHECKS = ["markers", "exit", "acpi", "errors", "pci", "disk", "fwlog", "fwlog-present", "reboot"]
+ALL_CHECKS = ["markers", "exit", "acpi", "errors", "pci", "disk", "fwlog", "fwlog-present", "reboot", "storage"]
+
+# guest-init.sh hvmdm.storage roles the guest writes (1 MiB at size/2 - 512 KiB) and the one whose
+# writes must fail; the rest are only read.
+WRITE_ROLES = ("data", "qcow")
+RO_ROLES = ("ro",)
+
+
+def storage_problems(ms, host, expect, want):
+    """Problems with the storage markers (guest-init.sh hvmdm.storage) and run-one.sh's HOST-*
+    lines for the roles in `want` (plus `ncq`: NCQ in use on every written disk)."""
+    bad = []
+    rows = lambda key: [m.split()[1:] for m in ms if m.split(" ", 1)[0] == key]
+    dev = {r[0]: r for r in rows("HVMDM-STORAGE-DEV") if r}
+    read = {r[0]: r for r in rows("HVMDM-STORAGE-READ") if len(r) >= 4}
+    wrote = {r[0]: r for r in rows("HVMDM-STORAGE-WRITE") if len(r) >= 7}
+    ro = {r[0]: r for r in rows("HVMDM-STORAGE-RO") if len(r) >= 5}
+    hsum = {}
+    qcheck = None
+    for l in host:
+        f = l.split()
+        if f and f[0] == "HOST-SUM" and len(f) >= 3:
+            hsum[f[1]] = f[2:]
+        elif f and f[0] == "HOST-QCOW-CHECK":
+            qcheck = " ".join(f[1:])
+    if not any(m.startswith("HVMDM-STORAGE-END") for m in ms):
+        bad.append("no HVMDM-STORAGE-END (guest-init.sh hvmdm.storage did not finish)")
+    kv = lambda row: dict(x.split("=", 1) for x in row if "=" in x)
+    for role in want:
+        if role == "ncq":
+            continue
+        exp = expect.get("storage-" + role)
+        if role not in dev:
+            bad.append("%s: no device (have %s)" % (role, " ".join(sorted(dev)) or "none"))
+            continue
+        r = read.get(role)
+        if not exp:
+            bad.append("%s: no expected checksum in the log" % role)
+        elif not r:
+            bad.append("%s: no HVMDM-STORAGE-READ" % role)
+        elif r[3] != exp:
+            bad.append("%s: read %s, expected %s" % (role, r[3][:16], exp[:16]))
+        if role in WRITE_ROLES:
+            w = wrote.get(role)
+            if not w:
+                bad.append("%s: no HVMDM-STORAGE-WRITE" % role)
+                continue
+            wsum, o = w[4], kv(w[5:])
+            if o.get("rc") != "0":
+                bad.append("%s: guest write failed rc=%s" % (role, o.get("rc")))
+            if o.get("readback") != wsum:
+                bad.append("%s: read back %s after writing %s" % (role, o.get("readback", "?")[:16], wsum[:16]))
+            h = hsum.get(role)
+            if not h or len(h) < 3:
+                bad.append("%s: no HOST-SUM after poweroff" % role)
+            else:
+                if h[1] != wsum:
+                    bad.append("%s: image region after poweroff %s, guest wrote %s (acknowledged and flushed data lost)"
+                               % (role, h[1][:16], wsum[:16]))
+                for part, got in (("pre", h[0]), ("post", h[2])):
+                    if got != expect.get("storage-%s-%s" % (role, part)):
+                        bad.append("%s: image changed outside the written region (%s)" % (role, part))
+            if role == "qcow" and qcheck != "ok":
+                bad.append("qcow: qemu-img check after the run: %s" % qcheck)
+        if role in RO_ROLES:
+            o = ro.get(role)
+            if not o:
+                bad.append("%s: no HVMDM-STORAGE-RO" % role)
+            else:
+                k = kv(o[2:])
+                if k.get("rc") == "0":
+                    bad.append("%s: write to the read-only disk succeeded" % role)
+                if k.get("after") != exp:
+                    bad.append("%s: device content changed after the refused write" % role)
+            h = hsum.get(role)
+            if not h or h[0] != exp:
+                bad.append("%s: image file changed (%s)" % (role, (h or ["no HOST-SUM"])[0][:16]))
+    if "ncq" in want:
+        for role in WRITE_ROLES:
+            if role not in want or role not in dev:
+                continue
+            k = kv(dev[role][3:])
+            qd = k.get("qd", "?")
+            if not qd.isdigit() or int(qd) <= 1 or k.get("ncq") != "1":
+                bad.append("ncq: %s (%s) qd=%s ncq=%s" % (role, dev[role][1], qd, k.get("ncq")))
+    return bad
 
 # Printed once per SeaBIOS POST (also after an in-process reboot), right after the version
 # banner; the banner itself is printed a second time when the VGA text console comes up.
@@ -208,6 +293,14 @@ def check(path, report):
                     ing, ed, tail(serial, 3))
             elif keys.index("HVMDM-REBOOTING") > keys.index("HVMDM-REBOOTED"):
                 ok, why = False, "HVMDM-REBOOTED before HVMDM-REBOOTING"
+        elif c == "storage":
+            want = [x for x in meta.get("storage", "").split(",") if x]
+            if not want:
+                ok, why = False, "SCENARIO_STORAGE is empty"
+            else:
+                bad = storage_problems(ms, d["streams"].get("host", []), d["expect"], want)
+                if bad:
+                    ok, why = False, "; ".join(bad)[:1000]
         report("PASS" if ok else "FAIL", name, c, why)
 
     up = first(ms, "HVMDM-UPTIME")

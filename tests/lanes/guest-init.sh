@@ -16,6 +16,20 @@
 #                      `HVMDM-BEAT <n> <uptime> <boot_id>` every SECS; the PV control path's
 #                      /sbin/poweroff (SIGUSR2 to init) and /sbin/reboot (SIGTERM) are honoured
 #                      with HVMDM-PV-POWEROFF / HVMDM-PV-REBOOT and poweroff -f / reboot -f.
+#   hvmdm.storage=LIST lane K storage checks (boot media of build-boot-media.sh): comma list of
+#                      ROLE:MIB[:w|:ro]. A disk (sd*) of exactly MIB MiB gets ROLE (found by size, not
+#                      by name); every CD (sr*) gets role cd. Waits up to hvmdm.wait for all the
+#                      disk roles, then per device: HVMDM-STORAGE-DEV role dev bytes model qd= ncq=;
+#                      HVMDM-STORAGE-READ role dev bytes sha256 (O_DIRECT read of the whole device);
+#                      :w roles: HVMDM-STORAGE-WRITE role dev off len sha rc readback -- a 1 MiB guest
+#                      pattern written O_DIRECT + fsync at size/2 - 512 KiB, then read back O_DIRECT
+#                      (the host checksums that region of the image after poweroff: run-one.sh);
+#                      :ro roles: HVMDM-STORAGE-RO role dev rc err after -- an O_DIRECT write that
+#                      must fail, and the device's checksum afterwards.
+#   hvmdm.iobench=MIB[:SECS]  (benches/storage.sh; needs the kit built with LANEK_GUEST_TOOLS=1) on
+#                      the disk of MIB MiB run /bin/io-rate: seqread and seqwrite (1 MiB O_DIRECT
+#                      requests), randread (4 KiB, 1 and 8 threads), SECS each (default 5); prints
+#                      its HVMDM-IORATE lines.
 #   hvmdm.powerbtn=1   with hvmdm.beat: watch the ACPI fixed power-button event counter
 #                      (/sys/firmware/acpi/interrupts/ff_pwr_btn, enabled by the `button` module:
 #                      add hvmdm.modules=button) and on a press print HVMDM-POWERBTN, poweroff -f.
@@ -50,6 +64,8 @@ POWERBTN=0
 CPUHP=0
 SLPBTN=0
 NMIREBOOT=0
+STORAGE=
+IOBENCH=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         hvmdm.check=*) CHECK=${arg#*=} ;;
@@ -64,9 +80,11 @@ for arg in $(cat /proc/cmdline); do
         hvmdm.cpuhp=*) CPUHP=${arg#*=} ;;
         hvmdm.slpbtn=*) SLPBTN=${arg#*=} ;;
         hvmdm.nmireboot=*) NMIREBOOT=${arg#*=} ;;
+        hvmdm.storage=*) STORAGE=${arg#*=} ;;
+        hvmdm.iobench=*) IOBENCH=${arg#*=} ;;
     esac
 done
-want() { case ",$CHECK,all," in *",$1,"*|*",all,"*) return 0 ;; esac; return 1; }
+want() { case ",$CHECK," in *",$1,"*|*",all,"*) return 0 ;; esac; return 1; }
 
 # Load the kit's drivers in dependency order; a driver with no device just fails to bind.
 FAILED=
@@ -89,6 +107,114 @@ out "HVMDM-CMDLINE $(cat /proc/cmdline)"
 wait_disk() {
     i=0
     while [ ! -b "/dev/$DISK" ] && [ "$i" -lt $((WAIT * 10)) ]; do usleep 100000; i=$((i + 1)); done
+}
+
+up() { cut -d' ' -f1 /proc/uptime; }
+# role_of DEV: R = the storage role of a block device (hvmdm.storage), M = its mode (w, ro or
+# empty); R is empty when none. Builtins only: the wait loop below calls it often, and every fork
+# is slow in a nested guest.
+role_of() {
+    R= M=
+    case "$1" in sr*) R=cd; return ;; esac
+    read -r sz < "/sys/block/$1/size" 2>/dev/null || return 0
+    for r in $ROLELIST; do
+        rest=${r#*:}
+        if [ "${rest%%:*}" = $((sz / 2048)) ]; then
+            R=${r%%:*}
+            case "$rest" in *:*) M=${rest#*:} ;; esac
+            return
+        fi
+    done
+}
+# dsum DEV [OFFSET] -> sha256 of the device (or of the 1 MiB at OFFSET), read O_DIRECT in 1 MiB
+# requests (64 KiB requests made the whole-device reads ~10x slower in lane K).
+dsum() {
+    if [ $# -eq 1 ]; then dd if="/dev/$1" bs=1048576 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1
+    else dd if="/dev/$1" bs=1048576 skip="$2" count=1 iflag=direct,skip_bytes 2>/dev/null | sha256sum | cut -d' ' -f1; fi
+}
+# pattern ROLE -> 1 MiB of 64-byte lines naming the role and the line (the guest's own data).
+pattern() {
+    awk -v r="$1" 'BEGIN { for (i = 0; i < 16384; i++) printf "GUEST %-4s line=%06d x%08x %-30s\n", r, i, (i * 2654435761) % 268435456, "w" }'
+}
+storage_checks() {
+    ROLELIST=$(echo "$STORAGE" | tr ',' ' ')
+    # Wait for the disk roles this machine has: all of them, or until the set found has not
+    # changed for 2 s (a scenario need not attach every role, e.g. bios and gpt never both).
+    i=0; last=; stable=0
+    while [ "$i" -lt $((WAIT * 5)) ]; do
+        found=
+        for b in /sys/block/sd* /sys/block/sr*; do
+            [ -e "$b" ] || continue
+            role_of "${b##*/}"
+            found="$found $R"
+        done
+        miss=0
+        for r in $ROLELIST; do case "$found " in *" ${r%%:*} "*) ;; *) miss=1 ;; esac; done
+        [ "$miss" = 0 ] && break
+        if [ -n "${found// /}" ] && [ "$found" = "$last" ]; then
+            stable=$((stable + 1)); [ "$stable" -ge 10 ] && break
+        else stable=0; fi
+        last=$found
+        usleep 200000; i=$((i + 1))
+    done
+    dmesg > /tmp/dmesg.st
+    for b in /sys/block/sd* /sys/block/sr*; do
+        [ -e "$b" ] || continue
+        dev=${b##*/}
+        role_of "$dev"
+        role=${R:-none} mode=$M
+        bytes=$(( $(cat "$b/size") * 512 ))
+        model=$(cat "$b/device/model" 2>/dev/null | tr -s ' ' '_' | sed 's/_$//')
+        qd=$(cat "$b/device/queue_depth" 2>/dev/null)
+        port=$(readlink -f "$b/device" | tr '/' '\n' | grep '^ata[0-9]*$' | head -1)
+        ncq=0
+        [ -n "$port" ] && grep -q " $port\.00: .*NCQ (depth [0-9]*" /tmp/dmesg.st && ncq=1
+        out "HVMDM-STORAGE-DEV $role $dev $bytes model=${model:-?} qd=${qd:-?} ncq=$ncq port=${port:-?}"
+        [ "$role" = none ] && continue
+        t0=$(up)
+        rsum=$(dsum "$dev")
+        out "HVMDM-STORAGE-READ $role $dev $bytes $rsum t=$t0-$(up)"
+        case "$mode" in
+            w)
+                t0=$(up)
+                off=$((bytes / 2 - 524288))
+                pattern "$role" > /tmp/pat
+                psum=$(sha256sum < /tmp/pat | cut -d' ' -f1)
+                dd if=/tmp/pat of="/dev/$dev" bs=1048576 seek="$off" oflag=direct,seek_bytes conv=notrunc,fsync 2>/tmp/err
+                rc=$?
+                sync
+                blockdev --flushbufs "/dev/$dev" 2>/dev/null
+                out "HVMDM-STORAGE-WRITE $role $dev $off 1048576 $psum rc=$rc readback=$(dsum "$dev" "$off") t=$t0-$(up)"
+                [ "$rc" = 0 ] || out "HVMDM-STORAGE-WRITE-ERR $role $(tail -1 /tmp/err)"
+                ;;
+            ro)
+                pattern "$role" | head -c 4096 > /tmp/pat
+                dd if=/tmp/pat of="/dev/$dev" bs=4096 seek=16 count=1 oflag=direct conv=notrunc,fsync 2>/tmp/err
+                rc=$?
+                err=$(grep -v records /tmp/err | tail -1 | tr ' ' '_')
+                out "HVMDM-STORAGE-RO $role $dev rc=$rc err=${err:-none} after=$(dsum "$dev")"
+                ;;
+        esac
+    done
+    out "HVMDM-STORAGE-END"
+}
+
+iobench() {
+    mib=${IOBENCH%%:*}; secs=5
+    case "$IOBENCH" in *:*) secs=${IOBENCH#*:} ;; esac
+    dev=
+    i=0
+    while [ -z "$dev" ] && [ "$i" -lt $((WAIT * 5)) ]; do
+        for b in /sys/block/sd*; do
+            [ -f "$b/size" ] && [ $(( $(cat "$b/size") / 2048 )) = "$mib" ] && dev=$(basename "$b")
+        done
+        [ -n "$dev" ] || { usleep 200000; i=$((i + 1)); }
+    done
+    if [ -z "$dev" ]; then out "HVMDM-IORATE-NODISK $mib"; return; fi
+    out "HVMDM-IOBENCH-DEV $dev qd=$(cat "/sys/block/$dev/device/queue_depth" 2>/dev/null)"
+    for run in "seqread $secs" "seqwrite $secs" "randread $secs 4096 1" "randread $secs 4096 8"; do
+        /bin/io-rate "/dev/$dev" $run > "$OUTDEV" 2>&1 || out "HVMDM-IORATE-FAILED $run"
+    done
 }
 
 # One in-process reboot, remembered on the scenario's fresh disk copy (see hvmdm.reboot).
@@ -176,6 +302,9 @@ if want disk; then
         out "HVMDM-DISK-SUM $DISK $DISKMIB missing"
     fi
 fi
+
+if [ -n "$STORAGE" ]; then storage_checks; fi
+if [ -n "$IOBENCH" ]; then iobench; fi
 
 out "HVMDM-UPTIME $(cut -d' ' -f1 /proc/uptime)"
 out "HVMDM-DONE"

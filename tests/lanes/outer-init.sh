@@ -5,7 +5,8 @@
 #   LANEK-BOOT <uptime>                   init started
 #   LANEK-KVM ok|missing <uptime>         /dev/kvm after loading kvm_amd
 #   LANEK-START <name> <uptime>
-#   LANEK-LOG <name> <stream> <line>      stream: serial (L2 console), vmm (VMM stderr), fw (firmware log)
+#   LANEK-LOG <name> <stream> <line>      stream: serial (L2 console), vmm (VMM stderr), fw (firmware log),
+#                                         host (run-one.sh's image checksums after the VMM exited)
 #   LANEK-RESULT <name> exit=<rc> timeout=<0|1> wall=<s>
 #   LANEK-ALL-DONE <uptime>
 # Kernel command line: lanek.kvm_amd="param=value ..." (module parameters),
@@ -77,12 +78,12 @@ for name in $(cat /lanek/list 2>/dev/null); do
     kill "$wd" 2>/dev/null
     t1=$(up)
     to=0; [ -e "$dir/timedout" ] && to=1
-    for s in serial vmm fw; do
+    for s in serial vmm fw host; do
         [ -f "$dir/$s.log" ] || continue
         tr -d '\r' < "$dir/$s.log" | sed "s/^/LANEK-LOG $name $s /" > /dev/console
     done
     say "LANEK-RESULT $name exit=$rc timeout=$to wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')"
-    rm -f "$dir/disk.img" "$dir"/*.fd
+    rm -f "$dir"/*.img "$dir"/*.qcow2 "$dir"/*.fd
 done
 
 if [ "$DEBUG" = 1 ]; then

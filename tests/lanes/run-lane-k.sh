@@ -38,15 +38,18 @@ mkdir -p "$OUT"
 
 # Scenario selection.
 select_scenarios "$SCEN_DIR" "$@"
+# Storage media (build-boot-media.sh) only when a selected scenario uses them.
+MEDIA=
+if grep -q '^SCENARIO_MEDIA=1' "${files[@]}"; then MEDIA=$("$LANES_DIR/build-boot-media.sh" "$KIT"); fi
 
 meta() { # FILE -> one line of metadata
     ( SCENARIO_TIMEOUT=300 SCENARIO_NEEDS= SCENARIO_DEFAULT=1 SCENARIO_ISOLATE=0
       SCENARIO_CHECKS="markers acpi errors pci disk exit fwlog"
       SCENARIO_PCI="8086:1237 8086:7000 8086:7010 8086:7113" SCENARIO_ACPI="DSDT FACP APIC"
-      SCENARIO_APPEND= SCENARIO_FW_BOOTS=1
+      SCENARIO_APPEND= SCENARIO_FW_BOOTS=1 SCENARIO_MEDIA=0 SCENARIO_STORAGE=
       . "$1"
       mib=$(echo " $SCENARIO_APPEND " | sed -n 's/.* hvmdm\.diskmib=\([0-9]*\) .*/\1/p')
-      echo "timeout=$SCENARIO_TIMEOUT needs=$SCENARIO_NEEDS isolate=$SCENARIO_ISOLATE checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,} acpi=${SCENARIO_ACPI// /,} diskmib=${mib:-16} fwboots=$SCENARIO_FW_BOOTS" )
+      echo "timeout=$SCENARIO_TIMEOUT needs=$SCENARIO_NEEDS isolate=$SCENARIO_ISOLATE checks=${SCENARIO_CHECKS// /,} pci=${SCENARIO_PCI// /,} acpi=${SCENARIO_ACPI// /,} diskmib=${mib:-16} fwboots=$SCENARIO_FW_BOOTS media=$SCENARIO_MEDIA storage=$(echo $SCENARIO_STORAGE | tr ' ' ',')" )
 }
 
 # blocked FILE -> "LANEK-BLOCKED <substring>\t<reason>" when the scenario declares a known
@@ -94,12 +97,18 @@ build_initrd() {
     mkdir -p "$ov/lanek/scenarios" "$ov/lanek/bin"
     install -m 0755 "$LANES_DIR/outer-init.sh" "$ov/init"
     install -m 0755 "$LANES_DIR/run-one.sh" "$ov/lanek/run-one.sh"
-    local n need=0
+    local n need=0 media=0
     for n in "$@"; do
         cp "${FILE_OF[$n]}" "$ov/lanek/scenarios/$n.sh"
         echo "$n" >> "$ov/lanek/list"
         grep -q '^SCENARIO_NEEDS=.*hvmdm' "${FILE_OF[$n]}" && need=1
+        grep -q '^SCENARIO_MEDIA=1' "${FILE_OF[$n]}" && media=1
     done
+    if [ "$media" = 1 ]; then
+        mkdir -p "$ov/lanek/media"
+        local x
+        for x in bios.img gpt.img cd.iso ro.img qcow.qcow2 backing.img; do cp "$MEDIA/$x" "$ov/lanek/media/$x"; done
+    fi
     if [ "$need" = 1 ]; then
         cp -L "$HVMDM_BIN" "$ov/lanek/bin/hvmdm"
         local lib
@@ -189,6 +198,7 @@ run_batch() {
             local mib=${m##* diskmib=}; mib=${mib%% *}
             echo "LANEK-EXPECT disk-sha256 $(disk_expect "$mib")"
             echo "LANEK-EXPECT disk-mib $mib"
+            case " $m " in *" media=1 "*) sed 's/^/LANEK-EXPECT storage-/' "$MEDIA/expect.txt" ;; esac
             awk -v n="$n" '$1 == "LANEK-LOG" && $2 == n { s = $3; sub(/^LANEK-LOG [^ ]+ [^ ]+ ?/, ""); print s "| " $0 }' "$console"
             if [ -n "$result" ]; then
                 echo "$result"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # build-boot-disk.sh KITDIR: a bootable raw disk holding lane K's guest kit, built without loop
-# devices, cached under tests/lanex/cache/guest/:
+# devices (tests/lanes/bootmedia.sh syslinux_disk, shared with lane K's build-boot-media.sh), cached under tests/lanex/cache/guest/:
 #   boot-<hash>.img       MBR (syslinux mbr.bin, one active FAT16 partition at 1 MiB) + FAT16
 #                         partition with SYSLINUX, vmlinuz, initrd.gz and syslinux.cfg
 #   boot-<hash>.img.sha256  sha256 of the whole image (the guest hashes the whole device:
@@ -16,27 +16,21 @@
 #                        (without etc/modules.load, so the kit's list stays) and added to
 #                        hvmdm.modules= so guest-init.sh loads them.
 source "$(dirname "$0")/lib.sh"
+# shellcheck source=../lanes/bootmedia.sh
+source "$LANES_DIR/bootmedia.sh"
 
 KIT=${1:?usage: build-boot-disk.sh KITDIR}
 PART_MIB=16
 MODS=$(echo ${LANEX_GUEST_MODULES:-})
 APPEND="console=ttyS0 xen_emul_unplug=never hvmdm.check=all hvmdm.diskmib=0 hvmdm.wait=60 panic=-1 ${LANEX_GUEST_APPEND:-}"
 [ -n "$MODS" ] && APPEND="$APPEND hvmdm.modules=${MODS// /,}"
-MBR_BIN=/usr/lib/syslinux/mbr/mbr.bin
-
-ensure_cmd syslinux syslinux
-ensure_file "$MBR_BIN" syslinux-common
-ensure_file /usr/lib/syslinux/modules/bios/ldlinux.c32 syslinux-common
-ensure_cmd mcopy mtools
-ensure_cmd mkfs.fat dosfstools
-ensure_cmd python3 python3
+bootmedia_need_bios
 
 G=$XCACHE/guest
 mkdir -p "$G"
-kh=$( { cat "$KIT/KEY" "$0"; } | sha256sum | cut -c1-6)
-h=$( { cat "$KIT/KEY" "$0"; echo "$APPEND"; } | sha256sum | cut -c1-10)
+kh=$( { cat "$KIT/KEY" "$0" "$LANES_DIR/bootmedia.sh"; } | sha256sum | cut -c1-6)
+h=$( { cat "$KIT/KEY" "$0" "$LANES_DIR/bootmedia.sh"; echo "$APPEND"; } | sha256sum | cut -c1-10)
 img=$G/boot-$kh-$h.img
-INITRDS=initrd.gz
 if [ -n "$MODS" ]; then
     kver=$(cut -d' ' -f1 "$KIT/KEY")
     mods=$G/mods-$kver-$(echo "$MODS" | sha256sum | cut -c1-8).cpio
@@ -54,47 +48,13 @@ if [ -n "$MODS" ]; then
         rm -rf "$mw"
         log "guest modules $MODS -> $(basename "$mods") in $(elapsed "$t0") s"
     fi
-    INITRDS=initrd.gz,mods.img
 fi
 if [ ! -f "$img.sha256" ]; then
     t0=$(now)
-    work=$(mktemp -d "$XCACHE/disk.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
-    cat > "$work/syslinux.cfg" <<EOF
-SERIAL 0 115200
-DEFAULT lanex
-PROMPT 0
-TIMEOUT 0
-LABEL lanex
-  KERNEL vmlinuz
-  INITRD $INITRDS
-  APPEND $APPEND
-EOF
-    part=$work/part.img
-    # -h: hidden sectors = the partition's LBA, so the VBR finds ldlinux.sys without help.
-    mkfs.fat -C -F 16 -h 2048 -n LANEX -i 4c414e58 "$part" $((PART_MIB * 1024)) > /dev/null
-    syslinux --install "$part"
-    mcopy -i "$part" -m "$KIT/vmlinuz" ::vmlinuz
-    mcopy -i "$part" -m "$KIT/initrd.cpio.gz" ::initrd.gz
-    [ -n "$MODS" ] && mcopy -i "$part" -m "$mods" ::mods.img
-    mcopy -i "$part" -m "$work/syslinux.cfg" ::syslinux.cfg
-    # MBR: syslinux's boot code, one active FAT16-LBA (0x0e) partition from LBA 2048.
-    python3 - "$work/disk.img" "$MBR_BIN" "$PART_MIB" <<'EOF'
-import struct, sys
-out, mbr, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
-code = open(mbr, "rb").read()[:440]
-start, count = 2048, mib * 2048
-entry = struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x0E, b"\xfe\xff\xff", start, count)
-sector = code.ljust(440, b"\0") + struct.pack("<IH", 0x584E414C, 0) + entry + b"\0" * 48 + b"\x55\xaa"
-assert len(sector) == 512
-with open(out, "wb") as f:
-    f.write(sector)
-    f.truncate((start + count) * 512)
-EOF
-    dd if="$part" of="$work/disk.img" bs=1M seek=1 conv=notrunc status=none
-    sha256sum < "$work/disk.img" | cut -d' ' -f1 > "$work/disk.img.sha256"
-    mv "$work/disk.img" "$img"
-    mv "$work/disk.img.sha256" "$img.sha256"
+    syslinux_disk "$img.tmp" "$PART_MIB" lanex "$APPEND" "$KIT/vmlinuz" "$KIT/initrd.cpio.gz" "${mods:-}"
+    sha256sum < "$img.tmp" | cut -d' ' -f1 > "$img.sha256.tmp"
+    mv "$img.tmp" "$img"
+    mv "$img.sha256.tmp" "$img.sha256"
     log "boot disk $(basename "$img") ($(( $(stat -c %s "$img") / 1048576 )) MiB) in $(elapsed "$t0") s"
 fi
 if [ -z "${LANEX_GUEST_APPEND:-}" ] && [ -z "$MODS" ]; then
