@@ -1,8 +1,6 @@
 # hvmdm twin of qemu-seabios-ahci-boot: SeaBIOS boots SYSLINUX from AHCI port 0; data disks and a CD-ROM (ATAPI over AHCI) on ports 1-4; NCQ in use.
-# Not run by default until the storage CLI has landed (the lead enables it after merging):
-#   --disk file=PATH,if=ide|ahci,format=raw|qcow2,media=disk|cdrom,readonly=on  and  --boot c|d.
 SCENARIO_TIMEOUT=300
-SCENARIO_DEFAULT=0
+SCENARIO_DEFAULT=1
 SCENARIO_NEEDS=hvmdm
 SCENARIO_MEDIA=1
 SCENARIO_STORAGE="bios data qcow ro cd ncq"

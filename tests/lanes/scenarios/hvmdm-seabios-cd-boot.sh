@@ -1,8 +1,6 @@
 # hvmdm twin of qemu-seabios-cd-boot: SeaBIOS boots ISOLINUX from an IDE CD-ROM (primary master); data disks on the other IDE slots.
-# Not run by default until the storage CLI has landed (the lead enables it after merging):
-#   --disk file=PATH,if=ide|ahci,format=raw|qcow2,media=disk|cdrom,readonly=on  and  --boot c|d.
 SCENARIO_TIMEOUT=300
-SCENARIO_DEFAULT=0
+SCENARIO_DEFAULT=1
 SCENARIO_NEEDS=hvmdm
 SCENARIO_MEDIA=1
 SCENARIO_STORAGE="cd data qcow ro"

@@ -1,8 +1,6 @@
 # hvmdm twin of qemu-seabios-ide-boot: SeaBIOS boots SYSLINUX from IDE disk 0; raw, read-only and qcow2 data disks on the other IDE slots.
-# Not run by default until the storage CLI has landed (the lead enables it after merging):
-#   --disk file=PATH,if=ide|ahci,format=raw|qcow2,media=disk|cdrom,readonly=on  and  --boot c|d.
 SCENARIO_TIMEOUT=300
-SCENARIO_DEFAULT=0
+SCENARIO_DEFAULT=1
 SCENARIO_NEEDS=hvmdm
 SCENARIO_MEDIA=1
 SCENARIO_STORAGE="bios data qcow ro"
