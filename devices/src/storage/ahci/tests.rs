@@ -92,13 +92,18 @@ impl Rig {
     }
     /// Header flags beyond CFL 5 and PRDTL: W (bit 6), A (bit 5).
     fn build_flags(&self, slot: u64, fis: [u8; 20], prds: &[(u64, u32, bool)], extra: u32) {
-        let ct = CT + slot * 0x1000;
+        self.build_at(0, slot, fis, prds, extra);
+    }
+    /// [`Self::build_flags`] on any port started with [`Self::start`]; the table is at
+    /// [`table`]`(port, slot)`.
+    fn build_at(&self, port: u64, slot: u64, fis: [u8; 20], prds: &[(u64, u32, bool)], extra: u32) {
+        let ct = table(port, slot);
         let flags = 5 | extra | (prds.len() as u32) << 16;
         let mut hdr = [0u8; 32];
         hdr[0..4].copy_from_slice(&flags.to_le_bytes());
         hdr[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
         hdr[8..16].copy_from_slice(&ct.to_le_bytes());
-        self.mem.write(CLB + slot * 32, &hdr).unwrap();
+        self.mem.write(CLB + port * 0x10000 + slot * 32, &hdr).unwrap();
         self.mem.write(ct, &fis).unwrap();
         for (i, &(a, n, ibit)) in prds.iter().enumerate() {
             let mut e = [0u8; 16];
@@ -123,6 +128,11 @@ impl Rig {
         self.mem.read(a, &mut b).unwrap();
         b
     }
+}
+
+/// Command table of `slot` on `port`.
+fn table(port: u64, slot: u64) -> u64 {
+    CT + port * 0x40000 + slot * 0x1000
 }
 
 fn h2d(command: u8, lba: u64, count: u16) -> [u8; 20] {
@@ -712,6 +722,8 @@ fn snapshot_round_trip() {
     assert!(matches!(b.c().detach(0), Err(AhciError::Empty(0))));
 }
 
+mod deferred;
+
 /// ATAPI CD-ROM drives on a port.
 mod cd {
     use super::*;
@@ -719,10 +731,10 @@ mod cd {
 
     const CD_BLOCKS: usize = 100;
 
-    fn cd_image() -> Arc<dyn BlockBackend> {
+    pub(super) fn cd_image() -> Arc<dyn BlockBackend> {
         Arc::new(MemImage::new(cd_pattern(), true))
     }
-    fn cd_pattern() -> Vec<u8> {
+    pub(super) fn cd_pattern() -> Vec<u8> {
         (0..CD_BLOCKS * CD_BLOCK_SIZE).map(|i| (i / CD_BLOCK_SIZE * 5 + i * 3) as u8).collect()
     }
 
@@ -737,7 +749,7 @@ mod cd {
         r
     }
 
-    fn packet(dma: bool) -> [u8; 20] {
+    pub(super) fn packet(dma: bool) -> [u8; 20] {
         let mut f = h2d(ata::PACKET, 0, 0);
         f[3] = u8::from(dma);
         // Byte count limit (PIO), as Linux sets it.
@@ -748,7 +760,7 @@ mod cd {
 
     impl Rig {
         /// Slot `slot`: PACKET with `cdb` in the ACMD area, header bit A set.
-        fn packet(&self, slot: u64, cdb: &[u8], dma: bool, prds: &[(u64, u32, bool)]) {
+        pub(super) fn packet(&self, slot: u64, cdb: &[u8], dma: bool, prds: &[(u64, u32, bool)]) {
             self.build_flags(slot, packet(dma), prds, 1 << 5);
             let mut acmd = [0u8; 16];
             acmd[..cdb.len()].copy_from_slice(cdb);
@@ -779,7 +791,7 @@ mod cd {
         0x51 | (key << 4 | 4) << 8
     }
 
-    fn read10(lba: u32, blocks: u16) -> [u8; 12] {
+    pub(super) fn read10(lba: u32, blocks: u16) -> [u8; 12] {
         let mut c = [0u8; 12];
         c[0] = op::READ_10;
         c[2..6].copy_from_slice(&lba.to_be_bytes());
