@@ -989,14 +989,17 @@ impl Snapshot for AhciController {
             let mut inflight = Vec::new();
             if version >= 3 {
                 let mask = r.get_u32()?;
-                // Non-queued commands keep PxCI set, queued ones PxSACT; at most one non-queued
-                // command runs, alone; only a running port has any.
-                let idle = cmd & pxcmd::ST == 0 || halted;
-                if mask & !(ci | sact) != 0 || (mask != 0 && idle) {
+                // Only a running port has commands in flight; a non-queued one keeps its PxCI
+                // bit and runs alone.
+                if mask != 0 && (cmd & pxcmd::ST == 0 || halted) {
                     return Err(r.bad(format!("port {i}: commands in flight {mask:#x} with {regs:x?}")));
                 }
                 for slot in (0..NUM_SLOTS).filter(|s| mask & 1 << s != 0) {
-                    inflight.push((slot, io::get_cmd(r, p.dev.as_ref())?));
+                    let c = io::get_cmd(r, p.dev.as_ref())?;
+                    if !c.queued() && ci & 1 << slot == 0 {
+                        return Err(r.bad(format!("port {i}: slot {slot} in flight, PxCI {ci:#x}")));
+                    }
+                    inflight.push((slot, c));
                 }
                 if inflight.len() > 1 && inflight.iter().any(|(_, c)| !c.queued()) {
                     return Err(r.bad(format!("port {i}: a non-queued command with others in flight")));
