@@ -546,24 +546,32 @@ impl Machine {
         v
     }
 
+    /// Waits for the IDE and AHCI commands in flight on the I/O workers (no device lock held).
+    fn drain_disks(&self) {
+        IdeController::drain(&self.ide);
+        if let Some((c, _)) = &self.ahci {
+            AhciController::drain(c);
+        }
+    }
+
     /// The device state as one stream (`xen-save-devices-state`). Guest RAM is not included:
     /// Xen saves it. Call with the guest paused (no request in flight).
     pub fn save_state(&self) -> Result<Vec<u8>, SnapshotError> {
         // Let disk commands in flight complete first (without the lock: completions take it).
-        IdeController::drain(&self.ide);
+        self.drain_disks();
         snapshot::save_all(&self.snapshot_entries())
     }
 
     /// Restores a stream from [`Machine::save_state`] of an identically configured machine: all
     /// sections are validated before any device changes.
     pub fn load_state(&self, stream: &[u8]) -> Result<(), SnapshotError> {
-        IdeController::drain(&self.ide);
+        self.drain_disks();
         snapshot::restore_all(stream, &self.snapshot_entries())
     }
 
     /// Before the process ends: everything acknowledged reaches the disk images.
     pub fn shutdown(&self) {
-        IdeController::drain(&self.ide);
+        self.drain_disks();
         let ide = self.ide.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = ide.flush_all() {
             log::error!("flushing disks at shutdown: {e}");

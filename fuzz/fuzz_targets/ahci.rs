@@ -10,6 +10,9 @@
 //! allocation lengths, or raw bytes; DMA or PIO; header A bit or not), PRDTs (zero length, entries
 //! in and past RAM, odd byte counts, I bits), host media insert/eject (forced or not), port
 //! start/stop, COMRESET, HBA reset, bus-master enable, save/restore and device resets.
+//! Image I/O runs on manual I/O engines: commands that need the image stay in flight (PxCI or
+//! PxSACT set) until a `Drain` step (or the end of the input) runs their jobs, so resets, stops,
+//! saves and new commands land while jobs are pending and their completions may be stale.
 //!
 //! Checks beyond "no panic/hang/leak":
 //! - the images are only written whole sectors inside the writable disk; the read-only image and
@@ -18,7 +21,8 @@
 //! - register invariants after every step: CR follows ST, FR follows FRE, PxCI and PxSACT are 0
 //!   while ST is clear, PxIS/PxIE hold only existing bits, IS only implemented ports, GHC.AE set,
 //!   empty ports never link (SSTS.DET 0 or 4) and never get a signature;
-//! - save → restore into an identically built controller reproduces the same payload;
+//! - save → restore into an identically built controller (with a copy of guest RAM) reproduces
+//!   the same payload, commands in flight included (they are re-issued there);
 //! - a device reset restores the power-on register file.
 #![no_main]
 
@@ -35,7 +39,7 @@ use hvmdm_devices::storage::ahci::{
 };
 use hvmdm_devices::storage::ata::cmd;
 use hvmdm_devices::storage::atapi::{op as scsi, CdConfig};
-use hvmdm_devices::storage::{BlockBackend, BlockError, MemImage};
+use hvmdm_devices::storage::{BlockBackend, BlockError, IoEngine, MemImage};
 use libfuzzer_sys::fuzz_target;
 
 const RAM_SIZE: u64 = 0x4_0000;
@@ -344,6 +348,8 @@ enum Op {
     },
     SaveRestore,
     Reset,
+    /// Runs the queued I/O jobs (their completions land now).
+    Drain,
 }
 
 struct Rig {
@@ -372,6 +378,8 @@ fn build(disks: &[Arc<Watched>; 3]) -> (Arc<TestRam>, Arc<Mutex<AhciController>>
         c.attach_disk(0, disks[0].clone()).unwrap();
         c.attach_disk(1, disks[1].clone()).unwrap();
         c.attach_cdrom(usize::from(CD_PORT), Some(disks[2].clone()), CdConfig::default()).unwrap();
+        // Deterministic: jobs run only when the input drains them.
+        c.set_io_engines(std::array::from_fn(|i| Arc::new(IoEngine::manual(&format!("ahci{i}"))))).unwrap();
     }
     (mem, ctrl, func)
 }
@@ -566,6 +574,7 @@ impl Rig {
                 }
             }
             Op::SaveRestore => self.save_restore(),
+            Op::Drain => AhciController::drain(&self.ctrl),
             Op::Reset => {
                 self.func.reset();
                 self.ctrl.lock().unwrap().reset();
@@ -581,7 +590,11 @@ impl Rig {
         let mut w = SectionWriter::new();
         self.ctrl.lock().unwrap().save(&mut w);
         let disks = images();
-        let (_, other, _) = build(&disks);
+        let (mem, other, _) = build(&disks);
+        // Commands in flight are re-issued from what the save recorded; their PRDTs are in RAM.
+        let mut ram = vec![0u8; RAM_SIZE as usize];
+        self.mem.read(0, &mut ram).unwrap();
+        mem.write(0, &ram).unwrap();
         let mut o = other.lock().unwrap();
         // The same configuration: the CD drive empty if it is empty here.
         if self.ctrl.lock().unwrap().cdrom(usize::from(CD_PORT)).unwrap().media().is_none() {
@@ -641,4 +654,6 @@ fuzz_target!(|ops: Vec<Op>| {
         rig.step(op);
         rig.check();
     }
+    AhciController::drain(&rig.ctrl);
+    rig.check();
 });

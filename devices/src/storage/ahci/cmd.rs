@@ -3,9 +3,12 @@
 
 use thiserror::Error;
 
-use super::super::ata::{cmd as ata_cmd, AtaAction, AtaDisk, AtaError, DriveKind, SectorXfer, Taskfile};
-use super::super::atapi::{AtapiAction, AtapiDrive, CDB_LEN, CD_BLOCK_SIZE};
-use super::{pxis, AhciController, PortDevice, PortRegs, SECTOR};
+use super::super::ata::{
+    cmd as ata_cmd, AtaAction, AtaDisk, AtaError, DriveKind, SectorIo, SectorXfer, Taskfile,
+};
+use super::super::atapi::{AtapiAction, AtapiDrive, CdReader, Sense, CDB_LEN, CD_BLOCK_SIZE};
+use super::io::{IoCmd, IoKind};
+use super::{pxis, AhciController, PortDevice, PortRegs, SECTOR, TFD_IO_BUSY};
 use crate::mem::{GuestMemError, GuestRam};
 use crate::warn_limited;
 
@@ -47,8 +50,8 @@ const CHUNK_SECTORS: u32 = 128;
 /// The same for CD blocks (64 KiB).
 const CHUNK_CD_BLOCKS: u32 = 32;
 /// ATAPI interrupt reason (sector count register): command/data, direction.
-const IREASON_COD: u8 = 0x01;
-const IREASON_IO: u8 = 0x02;
+pub(super) const IREASON_COD: u8 = 0x01;
+pub(super) const IREASON_IO: u8 = 0x02;
 
 /// Why data could not move between guest memory and the device.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +64,7 @@ pub(super) enum DmaFault {
 
 /// How a command failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
+pub(super) enum Failure {
     /// The drive aborted it (error register bits).
     Ata(AtaError),
     /// The HBA could not fetch the command or move its data; the drive sees an aborted command.
@@ -88,7 +91,7 @@ impl From<AtaError> for Failure {
 
 /// What ends a command.
 #[derive(Debug)]
-enum Completion {
+pub(super) enum Completion {
     /// D2H Register FIS with I bit (PxIS.DHRS).
     D2h(Taskfile),
     /// PIO data-in: PIO Setup FIS with I bit and E_Status (PxIS.PSS), `bytes` moved.
@@ -251,7 +254,14 @@ fn dma_setup_fis(slot: usize, write: bool, bytes: u32) -> [u8; 28] {
     f
 }
 
-fn taskfile(c: &[u8; 20]) -> Taskfile {
+/// The register H2D FIS that carries `tf` (the inverse of [`taskfile`]).
+pub(super) fn h2d_fis(tf: &Taskfile) -> [u8; 20] {
+    let mut f = tf_fis(FIS_H2D, 0x80, tf, tf.command, tf.feature);
+    f[11] = tf.hob_feature;
+    f
+}
+
+pub(super) fn taskfile(c: &[u8; 20]) -> Taskfile {
     Taskfile {
         command: c[2],
         feature: c[3],
@@ -268,17 +278,27 @@ fn taskfile(c: &[u8; 20]) -> Taskfile {
     }
 }
 
-/// Moves the sectors of `x` between the image and the PRDT.
-fn transfer(disk: &AtaDisk, prdt: &mut Prdt<'_>, x: &SectorXfer, port: usize) -> Result<(), Failure> {
+/// Moves the sectors of `x` between the image and the PRDT (on an I/O worker). `fua`, if given,
+/// overrides the command's Force Unit Access setting for the writes.
+pub(super) fn transfer(
+    io: &SectorIo,
+    prdt: &mut Prdt<'_>,
+    x: &SectorXfer,
+    fua: Option<bool>,
+    port: usize,
+) -> Result<(), Failure> {
     let mut buf = vec![0u8; x.count.min(CHUNK_SECTORS) as usize * SECTOR];
     let (mut lba, mut left) = (x.lba, x.count);
     while left > 0 {
         let n = left.min(CHUNK_SECTORS);
         let b = &mut buf[..n as usize * SECTOR];
         let moved = if x.write {
-            prdt.read_guest(b).map(|()| disk.write_sectors(lba, b))
+            prdt.read_guest(b).map(|()| match fua {
+                Some(f) => io.write_sectors_fua(lba, b, f),
+                None => io.write_sectors(lba, b),
+            })
         } else {
-            disk.read_sectors(lba, b)?;
+            io.read_sectors(lba, b)?;
             prdt.write_guest(b).map(|()| Ok(()))
         };
         match moved {
@@ -294,19 +314,74 @@ fn transfer(disk: &AtaDisk, prdt: &mut Prdt<'_>, x: &SectorXfer, port: usize) ->
     Ok(())
 }
 
+/// How issuing a slot went.
+enum Step {
+    /// Finished at once (no image I/O): the completion and, for commands that got as far as
+    /// their PRDT, (bytes moved, descriptor interrupt).
+    Done(Completion, Option<(u32, bool)>),
+    /// Needs the image: runs as a job.
+    Io(IoCmd),
+    /// A non-queued command while queued ones are in flight: it waits for them.
+    Wait,
+}
+
+/// What a command asks of the transport after the device layer decoded it.
+enum Exec {
+    Now(Completion),
+    Io(IoKind, Taskfile),
+}
+
 impl AhciController {
-    /// Runs command slot `slot` of `port` to completion and reports it to the guest.
-    pub(super) fn exec_slot(&mut self, port: usize, slot: usize) {
+    /// Issues command slot `slot` of `port`: runs it to completion if it needs no image I/O,
+    /// else starts its job (the slot stays busy until the job completes). False: the command
+    /// must wait until the port's queued commands have completed.
+    pub(super) fn exec_slot(&mut self, port: usize, slot: usize) -> bool {
         let mem = self.mem.clone();
         let hdr_addr = self.ports[port].regs.clb.wrapping_add(32 * slot as u64);
-        let (completion, prd) = self.run_command(&*mem, port, slot, hdr_addr);
+        match self.run_command(&*mem, port, slot, hdr_addr) {
+            Step::Wait => return false,
+            Step::Done(completion, prd) => self.finish(port, slot, hdr_addr, completion, prd),
+            Step::Io(c) => {
+                let p = &mut self.ports[port];
+                if let IoKind::Ncq { xfer, .. } = c.kind {
+                    // The device accepted the command (D2H with BSY clear: PxCI drops) and
+                    // sets up the transfer; PxSACT stays set until the SDB FIS.
+                    let bytes = xfer.count.saturating_mul(SECTOR as u32);
+                    post_fis(&*mem, port, &p.regs, RX_DSFIS, &dma_setup_fis(slot, xfer.write, bytes));
+                    p.regs.ci &= !(1 << slot);
+                } else {
+                    p.regs.tfd = TFD_IO_BUSY;
+                }
+                self.start_io(port, slot, c);
+            }
+        }
+        true
+    }
+
+    /// Reports the end of slot `slot`'s command: PRDBC, the FIS, PxTFD, PxCI (PxSACT for NCQ),
+    /// PxIS and the interrupt. An error halts the port and abandons its other commands.
+    pub(super) fn finish(
+        &mut self,
+        port: usize,
+        slot: usize,
+        hdr_addr: u64,
+        completion: Completion,
+        prd: Option<(u32, bool)>,
+    ) {
+        let mem = self.mem.clone();
         if let Some((done, _)) = prd {
             if let Err(e) = mem.write_u32(hdr_addr.wrapping_add(4), done) {
                 warn_limited!(format!("ahci-prdbc-{port}"), "ahci port {port}: PRDBC not written: {e}");
             }
         }
         let dps = if prd.is_some_and(|(_, dps)| dps) { pxis::DPS } else { 0 };
+        let queued = matches!(completion, Completion::Sdb | Completion::Error { ncq: true, .. });
+        let failed = matches!(completion, Completion::Error { .. });
         let p = &mut self.ports[port];
+        if !queued {
+            // (An NCQ command left PxCI when it was accepted.)
+            p.regs.ci &= !(1 << slot);
+        }
         let (bits, fis_at, fis): (u32, u64, Vec<u8>) = match completion {
             Completion::D2h(tf) => {
                 p.regs.tfd = u32::from(ST_OK);
@@ -347,27 +422,24 @@ impl AhciController {
         if !fis.is_empty() {
             post_fis(&*mem, port, &p.regs, fis_at, &fis);
         }
+        if failed {
+            // The device aborts everything else it had queued; their completions are stale.
+            self.abandon(port);
+        }
         if bits | dps != 0 {
             self.raise(port, bits | dps);
         }
     }
 
-    /// Fetches and executes one command; returns how it ends and, for commands that got as far
-    /// as their PRDT, (bytes moved, descriptor interrupt).
-    fn run_command(
-        &mut self,
-        mem: &dyn GuestRam,
-        port: usize,
-        slot: usize,
-        hdr_addr: u64,
-    ) -> (Completion, Option<(u32, bool)>) {
+    /// Fetches and decodes one command; runs it if it needs no image I/O.
+    fn run_command(&mut self, mem: &dyn GuestRam, port: usize, slot: usize, hdr_addr: u64) -> Step {
         let hba_fail = |why: String| {
             warn_limited!(format!("ahci-cmd-{port}"), "ahci port {port} slot {slot}: {why}");
             Completion::Error { tf: Taskfile::default(), fail: Failure::Hba, ncq: false }
         };
         let mut hdr = [0u8; 16];
         if let Err(e) = mem.read(hdr_addr, &mut hdr) {
-            return (hba_fail(format!("command header: {e}")), None);
+            return Step::Done(hba_fail(format!("command header: {e}")), None);
         }
         let dw = |i: usize| u32::from_le_bytes([hdr[4 * i], hdr[4 * i + 1], hdr[4 * i + 2], hdr[4 * i + 3]]);
         let flags = dw(0);
@@ -376,10 +448,10 @@ impl AhciController {
         let cfl = flags & HDR_CFL;
         let mut cfis = [0u8; 20];
         if let Err(e) = mem.read(ctba, &mut cfis) {
-            return (hba_fail(format!("command table: {e}")), Some((0, false)));
+            return Step::Done(hba_fail(format!("command table: {e}")), Some((0, false)));
         }
         if !(5..=16).contains(&cfl) || cfis[0] != FIS_H2D {
-            return (
+            return Step::Done(
                 hba_fail(format!(
                     "command FIS type {:#04x}, length {cfl} dwords: not a H2D register FIS",
                     cfis[0]
@@ -389,6 +461,12 @@ impl AhciController {
         }
         let tf = taskfile(&cfis);
         let p = &mut self.ports[port];
+        let queued = cfis[1] & 0x80 != 0
+            && matches!(p.dev, Some(PortDevice::Disk(_)))
+            && matches!(tf.command, ata_cmd::READ_FPDMA_QUEUED | ata_cmd::WRITE_FPDMA_QUEUED);
+        if !queued && p.running() != 0 {
+            return Step::Wait;
+        }
         if cfis[1] & 0x80 == 0 {
             // Control FIS: SRST asserted, then released (the device resets and sends its signature).
             if cfis[15] & CTL_SRST != 0 {
@@ -399,7 +477,7 @@ impl AhciController {
                 p.sig_pending = true;
                 self.deliver_signature(port);
             }
-            return (Completion::Silent, Some((0, false)));
+            return Step::Done(Completion::Silent, Some((0, false)));
         }
         let Some(dev) = &mut p.dev else {
             warn_limited!(
@@ -407,50 +485,42 @@ impl AhciController {
                 "ahci port {port}: command {:#04x} with no device",
                 tf.command
             );
-            return (Completion::Error { tf, fail: Failure::Hba, ncq: false }, Some((0, false)));
+            return Step::Done(Completion::Error { tf, fail: Failure::Hba, ncq: false }, Some((0, false)));
         };
         let mut prdt = Prdt::new(mem, ctba, prdtl);
-        let completion = match dev {
+        let exec = match dev {
             PortDevice::Cdrom(cd) => Self::run_packet_device(cd, &mut prdt, tf, ctba, port),
-            PortDevice::Disk(disk)
-                if matches!(tf.command, ata_cmd::READ_FPDMA_QUEUED | ata_cmd::WRITE_FPDMA_QUEUED) =>
-            {
-                Self::run_ncq(disk, &mut prdt, tf, port, slot, &p.regs)
-            }
+            PortDevice::Disk(disk) if queued => Self::run_ncq(disk, tf, port, slot),
             PortDevice::Disk(disk) => Self::run_ata(disk, &mut prdt, tf, port),
         };
-        (completion, Some((prdt.done, prdt.dps)))
+        match exec {
+            Exec::Now(c) => Step::Done(c, Some((prdt.done, prdt.dps))),
+            Exec::Io(kind, tf) => Step::Io(IoCmd { kind, tf, hdr: hdr_addr, ctba, prdtl }),
+        }
     }
 
-    fn run_ata(disk: &mut AtaDisk, prdt: &mut Prdt<'_>, mut tf: Taskfile, port: usize) -> Completion {
-        let fail = |tf, fail| Completion::Error { tf, fail, ncq: false };
+    fn run_ata(disk: &mut AtaDisk, prdt: &mut Prdt<'_>, mut tf: Taskfile, port: usize) -> Exec {
+        let fail = |tf, fail| Exec::Now(Completion::Error { tf, fail, ncq: false });
+        if matches!(tf.command, ata_cmd::FLUSH_CACHE | ata_cmd::FLUSH_CACHE_EXT) {
+            // fdatasync can take long: on the worker.
+            return Exec::Io(IoKind::Flush, tf);
+        }
         match disk.execute(&mut tf) {
-            Ok(AtaAction::Complete) => Completion::D2h(tf),
-            Ok(AtaAction::DataIn(buf)) => pio_in(prdt, tf, &buf, port),
-            Ok(AtaAction::Transfer(x)) => match transfer(disk, prdt, &x, port) {
-                Ok(()) if !x.dma && !x.write => Completion::PioIn(tf, x.count.saturating_mul(SECTOR as u32)),
-                Ok(()) => Completion::D2h(tf),
-                Err(f) => fail(tf, f),
-            },
+            Ok(AtaAction::Complete) => Exec::Now(Completion::D2h(tf)),
+            Ok(AtaAction::DataIn(buf)) => Exec::Now(pio_in(prdt, tf, &buf, port)),
+            Ok(AtaAction::Transfer(x)) => Exec::Io(IoKind::Disk(x), tf),
             Ok(AtaAction::Diagnostic) => {
                 // The registers hold the ATA signature again.
-                Completion::D2h(Taskfile { count: 1, lba_low: 1, ..Default::default() })
+                Exec::Now(Completion::D2h(Taskfile { count: 1, lba_low: 1, ..Default::default() }))
             }
             Err(e) => fail(tf, e.into()),
         }
     }
 
-    fn run_ncq(
-        disk: &mut AtaDisk,
-        prdt: &mut Prdt<'_>,
-        tf: Taskfile,
-        port: usize,
-        slot: usize,
-        regs: &PortRegs,
-    ) -> Completion {
+    fn run_ncq(disk: &mut AtaDisk, tf: Taskfile, port: usize, slot: usize) -> Exec {
         let n = match disk.decode_ncq(&tf) {
             Ok(n) => n,
-            Err(e) => return Completion::Error { tf, fail: e.into(), ncq: true },
+            Err(e) => return Exec::Now(Completion::Error { tf, fail: e.into(), ncq: true }),
         };
         if usize::from(n.tag) != slot {
             warn_limited!(
@@ -459,16 +529,7 @@ impl AhciController {
                 n.tag
             );
         }
-        let bytes = n.xfer.count.saturating_mul(SECTOR as u32);
-        post_fis(prdt.mem, port, regs, RX_DSFIS, &dma_setup_fis(slot, n.xfer.write, bytes));
-        let mut r = transfer(disk, prdt, &n.xfer, port);
-        if r.is_ok() && n.fua && n.xfer.write {
-            r = disk.flush().map_err(Failure::from);
-        }
-        match r {
-            Ok(()) => Completion::Sdb,
-            Err(fail) => Completion::Error { tf, fail, ncq: true },
-        }
+        Exec::Io(IoKind::Ncq { xfer: n.xfer, fua: n.fua }, tf)
     }
 }
 
@@ -497,23 +558,24 @@ fn packet_data(prdt: &mut Prdt<'_>, data: &[u8], port: usize) -> Result<bool, Fa
     }
 }
 
-/// Media blocks of a READ command to the PRDT, a chunk at a time; stops early (successfully)
-/// when the PRDT is exhausted, so an absurd transfer length never reads more than a chunk beyond
-/// what the guest can take.
-fn packet_read(
-    cd: &mut AtapiDrive,
+/// Media blocks of a READ command to the PRDT, a chunk at a time (on an I/O worker); stops early
+/// (successfully) when the PRDT is exhausted, so an absurd transfer length never reads more than
+/// a chunk beyond what the guest can take. Errors: `Ok(sense)` for a medium failure (CHECK
+/// CONDITION), `Err` for a memory fault.
+pub(super) fn packet_read(
+    cd: &CdReader,
     prdt: &mut Prdt<'_>,
     lba: u32,
     blocks: u32,
     port: usize,
-) -> Result<(), Failure> {
+) -> Result<(), Result<Sense, Failure>> {
     let mut buf = vec![0u8; blocks.min(CHUNK_CD_BLOCKS) as usize * CD_BLOCK_SIZE];
     let (mut lba, mut left) = (u64::from(lba), blocks);
     while left > 0 {
         let n = left.min(CHUNK_CD_BLOCKS);
         let b = &mut buf[..n as usize * CD_BLOCK_SIZE];
-        cd.read_blocks(lba, b).map_err(|_| Failure::Sense(cd.error_register()))?;
-        if !packet_data(prdt, b, port)? {
+        cd.read_blocks(lba, b).map_err(Ok)?;
+        if !packet_data(prdt, b, port).map_err(Err)? {
             break;
         }
         lba += u64::from(n);
@@ -530,12 +592,12 @@ impl AhciController {
         mut tf: Taskfile,
         ctba: u64,
         port: usize,
-    ) -> Completion {
+    ) -> Exec {
         let abort = |tf| Completion::Error { tf, fail: Failure::Ata(AtaError::Abort), ncq: false };
         let mut signature = Taskfile::default();
         signature.set_signature(DriveKind::Cdrom);
-        match tf.command {
-            ata_cmd::PACKET => Self::run_packet(cd, prdt, tf, ctba, port),
+        let now = match tf.command {
+            ata_cmd::PACKET => return Self::run_packet(cd, prdt, tf, ctba, port),
             ata_cmd::IDENTIFY_PACKET_DEVICE => pio_in(prdt, tf, &cd.identify_packet(), port),
             // Drivers and firmware tell packet devices apart by these aborting with the ATAPI
             // signature in the registers.
@@ -563,21 +625,18 @@ impl AhciController {
                 );
                 abort(tf)
             }
-        }
+        };
+        Exec::Now(now)
     }
 
     /// PACKET: the CDB from the ACMD area, its reply or media blocks through the PRDT.
-    fn run_packet(
-        cd: &mut AtapiDrive,
-        prdt: &mut Prdt<'_>,
-        tf: Taskfile,
-        ctba: u64,
-        port: usize,
-    ) -> Completion {
-        let fail = |fail| Completion::Error {
-            tf: Taskfile { count: IREASON_COD | IREASON_IO, ..tf },
-            fail,
-            ncq: false,
+    fn run_packet(cd: &mut AtapiDrive, prdt: &mut Prdt<'_>, tf: Taskfile, ctba: u64, port: usize) -> Exec {
+        let fail = |fail| {
+            Exec::Now(Completion::Error {
+                tf: Taskfile { count: IREASON_COD | IREASON_IO, ..tf },
+                fail,
+                ncq: false,
+            })
         };
         // Overlapped/queued packet commands are not supported (IDENTIFY PACKET DEVICE says so).
         if tf.feature & 0x02 != 0 {
@@ -588,18 +647,19 @@ impl AhciController {
             warn_limited!(format!("ahci-cmd-{port}"), "ahci port {port}: ATAPI command not in RAM: {e}");
             return fail(Failure::Hba);
         }
+        let dma = tf.feature & 0x01 != 0;
         let moved = match cd.execute(&cdb) {
             AtapiAction::Complete => Ok(false),
             AtapiAction::CheckCondition => Err(Failure::Sense(cd.error_register())),
             AtapiAction::DataIn(data) => packet_data(prdt, &data, port).map(|_| true),
-            AtapiAction::Read { lba, blocks } => packet_read(cd, prdt, lba, blocks, port).map(|()| true),
+            // Medium reads run on the I/O worker.
+            AtapiAction::Read { lba, blocks } => return Exec::Io(IoKind::CdRead { lba, blocks, dma }, tf),
         };
-        let dma = tf.feature & 0x01 != 0;
         match moved {
-            Ok(data) => Completion::Packet {
+            Ok(data) => Exec::Now(Completion::Packet {
                 tf: Taskfile { count: IREASON_COD | IREASON_IO, lba_mid: 0, lba_high: 0, ..tf },
                 pio: (data && !dma).then_some(prdt.done),
-            },
+            }),
             Err(f) => fail(f),
         }
     }

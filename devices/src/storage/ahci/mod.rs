@@ -17,8 +17,12 @@
 //!   PxTFD = 0x0150 and the FIS sits in the receive area (no interrupt: it carries no I bit).
 //!   During COMRESET PxTFD reads 0x7F and PxSSTS.DET 0; a port without a device keeps
 //!   PxSSTS.DET = 0, PxTFD = 0x7F and PxSIG = all-ones.
-//! - Commands run to completion inside the PxCI (or PxCMD.ST) write that makes them runnable,
-//!   in slot order. PIO data-in commands (IDENTIFY, READ SECTORS) end with a PIO Setup FIS
+//! - Commands are issued by the PxCI (or PxCMD.ST) write that makes them runnable, in slot
+//!   order. Those without image I/O complete inside that write; data transfers (DMA and PIO),
+//!   NCQ, FLUSH CACHE and ATAPI medium reads run on the port's I/O worker (see [`io`]'s module
+//!   notes): meanwhile a non-queued command keeps its PxCI bit and PxTFD reads BSY (0xD0), an NCQ
+//!   command leaves PxCI at once and keeps its PxSACT bit, and every register answers. A
+//!   non-queued command waits for queued ones in flight. PIO data-in commands (IDENTIFY, READ SECTORS) end with a PIO Setup FIS
 //!   (I bit, E_Status 0x50, PxIS.PSS); other commands with a D2H Register FIS (PxIS.DHRS); NCQ
 //!   commands post a DMA Setup FIS and complete through a Set Device Bits FIS that clears their
 //!   PxSACT bit (PxIS.SDBS). PRDBC in the command header is written for every command.
@@ -42,15 +46,17 @@
 //!   [`AhciController::insert_media`] / [`AhciController::eject_media`].
 
 mod cmd;
+mod io;
 mod pci;
 #[cfg(test)]
 mod tests;
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use thiserror::Error;
 
+use super::aio::IoEngine;
 use super::ata::{AtaDisk, DiskConfig, SECTOR_SIZE};
 use super::atapi::{AtapiDrive, AtapiError, CdConfig};
 use super::image::BlockBackend;
@@ -154,6 +160,8 @@ pub mod pxcmd {
 /// PxTFD status values.
 const TFD_NO_DEVICE: u32 = 0x7f;
 const TFD_BSY: u32 = 0x80;
+/// BSY|DRDY|DSC: a non-queued command's job is in flight.
+const TFD_IO_BUSY: u32 = 0xd0;
 /// DRDY|DSC with error register 01h (diagnostics passed), after the signature FIS.
 const TFD_READY_AFTER_RESET: u32 = 0x0150;
 /// SSTS with an established Gen1 link in the active state.
@@ -175,6 +183,8 @@ pub enum AhciError {
     NotCdrom(usize),
     #[error("AHCI port {0}: the tray is locked by the guest")]
     Locked(usize),
+    #[error("AHCI commands are in flight")]
+    Busy,
 }
 
 /// What sits on a port.
@@ -253,11 +263,33 @@ struct Port {
     srst: bool,
     /// Stopped on a task-file error until software clears PxCMD.ST.
     halted: bool,
+    /// Commands whose job is in flight, by slot.
+    inflight: [Option<io::IoCmd>; NUM_SLOTS],
+    /// Bumped when the port's commands are abandoned; jobs of an older one are stale.
+    gen: u64,
 }
 
 impl Port {
     fn new() -> Self {
-        Port { regs: PortRegs::POWER_ON, dev: None, sig_pending: false, srst: false, halted: false }
+        Port {
+            regs: PortRegs::POWER_ON,
+            dev: None,
+            sig_pending: false,
+            srst: false,
+            halted: false,
+            inflight: [None; NUM_SLOTS],
+            gen: 0,
+        }
+    }
+
+    /// Slots with a job in flight.
+    fn running(&self) -> u32 {
+        self.inflight.iter().enumerate().filter(|(_, c)| c.is_some()).fold(0, |m, (i, _)| m | 1 << i)
+    }
+
+    /// A non-queued command is in flight (nothing else may start).
+    fn busy_unqueued(&self) -> bool {
+        self.inflight.iter().flatten().any(|c| !c.queued())
     }
 
     fn det(&self) -> u32 {
@@ -299,6 +331,7 @@ pub fn build(
     buses: &PciBuses,
 ) -> Result<(Arc<Mutex<AhciController>>, Ich9Ahci), PciError> {
     let ctrl = Arc::new(Mutex::new(AhciController::new(mem)));
+    AhciController::enable_async(&ctrl);
     let dev: SharedDevice = ctrl.clone();
     let intx = PciIntx::new(irq.clone(), slot, 0);
     let msi = PciMsi::new(irq);
@@ -325,6 +358,10 @@ pub struct AhciController {
     ports: [Port; NUM_PORTS],
     /// Interrupt condition last reported (GHC.IE and IS non-zero).
     level: bool,
+    /// One I/O engine per port: a port's jobs run in order, ports do not wait for each other.
+    engines: [Arc<IoEngine>; NUM_PORTS],
+    /// How a job's completion finds the controller; empty for a bare controller (synchronous).
+    this: Weak<Mutex<AhciController>>,
 }
 
 impl std::fmt::Debug for AhciController {
@@ -351,6 +388,8 @@ impl AhciController {
             idp_index: 0,
             ports: std::array::from_fn(|_| Port::new()),
             level: false,
+            engines: std::array::from_fn(|i| Arc::new(IoEngine::new(&format!("ahci{i}")))),
+            this: Weak::new(),
         }
     }
 
@@ -454,6 +493,7 @@ impl AhciController {
         p.sig_pending = false;
         p.regs.tfd = TFD_NO_DEVICE;
         p.regs.sig = SIG_NONE;
+        self.abandon(port);
         let backend = dev.backend().cloned();
         if let Some(b) = &backend {
             b.flush().map_err(|e| {
@@ -496,8 +536,9 @@ impl AhciController {
     fn hba_reset(&mut self) {
         self.ghc = GHC_AE;
         self.is = 0;
-        for p in &mut self.ports {
-            p.reset_regs();
+        for port in 0..NUM_PORTS {
+            self.ports[port].reset_regs();
+            self.abandon(port);
         }
         self.update_irq(false);
     }
@@ -663,11 +704,15 @@ impl AhciController {
                 p.regs.sctl = merge(p.regs.sctl, SCTL_VALID);
                 let det = p.det();
                 if det == 1 && old_det != 1 {
-                    // COMRESET asserted: the link drops, the device is reset.
+                    // COMRESET asserted: the link drops, the device is reset and forgets the
+                    // commands it had.
                     p.regs.tfd = TFD_NO_DEVICE;
                     p.regs.sig = SIG_NONE;
+                    p.regs.ci = 0;
+                    p.regs.sact = 0;
                     p.sig_pending = false;
                     p.srst = false;
+                    self.abandon(port);
                 } else if matches!(old_det, 1 | 4) && !matches!(det, 1 | 4) {
                     self.link_event(port);
                 }
@@ -708,6 +753,7 @@ impl AhciController {
             p.regs.ci = 0;
             p.regs.sact = 0;
             p.halted = false;
+            self.abandon(port);
         }
         if old & pxcmd::SUD == 0 && cmd & pxcmd::SUD != 0 {
             self.link_event(port);
@@ -720,11 +766,13 @@ impl AhciController {
         }
     }
 
-    /// Runs every issued slot of `port` in order, unless the port is stopped, halted on an error
-    /// or bus mastering is off (then the slots wait for the next register write).
+    /// Issues every issued slot of `port` in order, unless the port is stopped, halted on an
+    /// error or bus mastering is off (then the slots wait for the next register write). A
+    /// non-queued command in flight holds back the slots after it; queued (NCQ) commands go
+    /// out together, and a non-queued one waits until they have completed.
     fn process(&mut self, port: usize) {
         if !self.bus_master() {
-            if self.ports[port].regs.ci != 0 {
+            if self.ports[port].regs.ci & !self.ports[port].running() != 0 {
                 warn_limited!(
                     format!("ahci-no-bme-{port}"),
                     "ahci port {port}: commands issued with bus mastering disabled wait for it"
@@ -734,14 +782,15 @@ impl AhciController {
         }
         for slot in 0..NUM_SLOTS {
             let p = &self.ports[port];
-            if p.regs.cmd & pxcmd::ST == 0 || p.halted {
+            if p.regs.cmd & pxcmd::ST == 0 || p.halted || p.busy_unqueued() {
                 return;
             }
-            if p.regs.ci & (1 << slot) == 0 {
+            if p.regs.ci & (1 << slot) == 0 || p.inflight[slot].is_some() {
                 continue;
             }
-            self.exec_slot(port, slot);
-            self.ports[port].regs.ci &= !(1 << slot);
+            if !self.exec_slot(port, slot) {
+                return;
+            }
         }
     }
 
@@ -807,6 +856,8 @@ struct PortState {
     srst: bool,
     halted: bool,
     dev: Option<DevState>,
+    /// Commands in flight at save time (re-issued on restore).
+    inflight: Vec<(usize, io::IoCmd)>,
 }
 
 #[derive(Debug)]
@@ -828,18 +879,9 @@ struct AhciState {
     ports: Vec<PortState>,
 }
 
-/// Section "ahci", version 2: global registers, then per port the registers, the reset and
-/// error flags, the device kind (0 none, 1 disk, 2 CD-ROM) and the device's ATA settings or ATAPI
-/// state. Version 1 (no CD-ROMs) had a presence flag in place of the kind, so it reads the same.
-/// Commands never stay in flight, so no transfer state exists.
-impl Snapshot for AhciController {
-    fn section(&self) -> &'static str {
-        "ahci"
-    }
-    fn section_version(&self) -> u32 {
-        2
-    }
-    fn save(&self, w: &mut SectionWriter) {
+impl AhciController {
+    /// The section in the layout of `version` (2 or 3; tests write old streams with it).
+    fn save_as(&self, w: &mut SectionWriter, version: u32) {
         w.put_u32(self.ghc);
         w.put_u32(self.is);
         w.put_u32(self.idp_index);
@@ -864,12 +906,37 @@ impl Snapshot for AhciController {
                 }
                 None => w.put_u8(SLOT_EMPTY),
             }
+            if version >= 3 {
+                w.put_u32(p.running());
+                for c in p.inflight.iter().flatten() {
+                    io::put_cmd(w, c);
+                }
+            }
         }
     }
+}
 
+/// Section "ahci", version 3: global registers, then per port the registers, the reset and
+/// error flags, the device kind (0 none, 1 disk, 2 CD-ROM), the device's ATA settings or ATAPI
+/// state, and the commands in flight: a slot mask, then per slot what its job was given (kind,
+/// task file, header and table addresses, the transfer). The machine drains the engines before
+/// saving, so normally there are none; a save under the lock cannot wait, and then the restored
+/// controller re-issues them (reads are repeated, writes rewrite the same data from the same
+/// guest buffers). Version 2 had no in-flight list; version 1 (no CD-ROMs) also had a presence
+/// flag in place of the kind, which reads the same.
+impl Snapshot for AhciController {
+    fn section(&self) -> &'static str {
+        "ahci"
+    }
+    fn section_version(&self) -> u32 {
+        3
+    }
+    fn save(&self, w: &mut SectionWriter) {
+        self.save_as(w, 3);
+    }
     fn decode(&self, version: u32, r: &mut SectionReader<'_>) -> Result<PendingState, SnapshotError> {
-        if version != 1 {
-            check_version(r, version, 2)?;
+        if !matches!(version, 1 | 2) {
+            check_version(r, version, 3)?;
         }
         let ghc = r.get_u32()?;
         let is = r.get_u32()?;
@@ -919,7 +986,26 @@ impl Snapshot for AhciController {
                     return Err(r.bad(format!("port {i}: device kind {kind} saved, {here} here")));
                 }
             };
-            ports.push(PortState { regs, sig_pending, srst, halted, dev });
+            let mut inflight = Vec::new();
+            if version >= 3 {
+                let mask = r.get_u32()?;
+                // Only a running port has commands in flight; a non-queued one keeps its PxCI
+                // bit and runs alone.
+                if mask != 0 && (cmd & pxcmd::ST == 0 || halted) {
+                    return Err(r.bad(format!("port {i}: commands in flight {mask:#x} with {regs:x?}")));
+                }
+                for slot in (0..NUM_SLOTS).filter(|s| mask & 1 << s != 0) {
+                    let c = io::get_cmd(r, p.dev.as_ref())?;
+                    if !c.queued() && ci & 1 << slot == 0 {
+                        return Err(r.bad(format!("port {i}: slot {slot} in flight, PxCI {ci:#x}")));
+                    }
+                    inflight.push((slot, c));
+                }
+                if inflight.len() > 1 && inflight.iter().any(|(_, c)| !c.queued()) {
+                    return Err(r.bad(format!("port {i}: a non-queued command with others in flight")));
+                }
+            }
+            ports.push(PortState { regs, sig_pending, srst, halted, dev, inflight });
         }
         Ok(PendingState::new(AhciState { ghc, is, idp_index, ports }))
     }
@@ -929,7 +1015,12 @@ impl Snapshot for AhciController {
         self.ghc = st.ghc;
         self.is = st.is;
         self.idp_index = st.idp_index;
+        let mut reissue = Vec::new();
         for (p, s) in self.ports.iter_mut().zip(st.ports) {
+            reissue.push(s.inflight);
+            // Whatever this controller had in flight is superseded by the restored state.
+            p.gen = p.gen.wrapping_add(1);
+            p.inflight = [None; NUM_SLOTS];
             p.regs = s.regs;
             p.sig_pending = s.sig_pending;
             p.srst = s.srst;
@@ -945,6 +1036,13 @@ impl Snapshot for AhciController {
         self.level = self.ghc & GHC_IE != 0 && self.is != 0;
         if let Some(intx) = &self.intx {
             intx.set_level(self.level);
+        }
+        // Re-issue what was in flight when the state was saved, then whatever waited for it.
+        for (port, cmds) in reissue.into_iter().enumerate() {
+            for (slot, c) in cmds {
+                self.start_io(port, slot, c);
+            }
+            self.process(port);
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::bus::Bus;
@@ -18,7 +18,7 @@ const DISK_SECTORS: usize = 2048;
 
 struct Rig {
     mem: Arc<TestRam>,
-    ctrl: AhciController,
+    ctrl: Arc<Mutex<AhciController>>,
     img: Arc<MemImage>,
     sink: Arc<RecordingIrqSink>,
     cmdw: CommandWatch,
@@ -42,14 +42,31 @@ impl Rig {
         let cmdw: CommandWatch = Arc::new(std::sync::atomic::AtomicU16::new(PCI_COMMAND_MASTER));
         ctrl.connect_pci(PciIntx::new(sink.clone(), 3, 0), PciMsi::new(sink.clone()), cmdw.clone());
         attach(&mut ctrl, img.clone());
+        let ctrl = Arc::new(Mutex::new(ctrl));
+        AhciController::enable_async(&ctrl);
         Rig { mem, ctrl, img, sink, cmdw }
     }
+    /// The controller, locked (do not hold it across the register helpers: they drain).
+    fn c(&self) -> std::sync::MutexGuard<'_, AhciController> {
+        self.ctrl.lock().unwrap()
+    }
+    /// Waits for the I/O engines: the register helpers call it around every access, so tests
+    /// written against synchronous execution see each command's completion at once.
+    fn drain(&self) {
+        AhciController::drain(&self.ctrl);
+    }
     fn w(&mut self, off: u64, v: u32) {
-        self.ctrl.write(REGION_ABAR, off, &v.to_le_bytes());
+        self.c().write(REGION_ABAR, off, &v.to_le_bytes());
+        self.drain();
     }
     fn r(&mut self, off: u64) -> u32 {
+        self.drain();
+        self.raw_r(off)
+    }
+    /// A register read without waiting for anything.
+    fn raw_r(&self, off: u64) -> u32 {
         let mut b = [0u8; 4];
-        self.ctrl.read(REGION_ABAR, off, &mut b);
+        self.c().read(REGION_ABAR, off, &mut b);
         u32::from_le_bytes(b)
     }
     fn pw(&mut self, port: u64, reg: u64, v: u32) {
@@ -75,13 +92,18 @@ impl Rig {
     }
     /// Header flags beyond CFL 5 and PRDTL: W (bit 6), A (bit 5).
     fn build_flags(&self, slot: u64, fis: [u8; 20], prds: &[(u64, u32, bool)], extra: u32) {
-        let ct = CT + slot * 0x1000;
+        self.build_at(0, slot, fis, prds, extra);
+    }
+    /// [`Self::build_flags`] on any port started with [`Self::start`]; the table is at
+    /// [`table`]`(port, slot)`.
+    fn build_at(&self, port: u64, slot: u64, fis: [u8; 20], prds: &[(u64, u32, bool)], extra: u32) {
+        let ct = table(port, slot);
         let flags = 5 | extra | (prds.len() as u32) << 16;
         let mut hdr = [0u8; 32];
         hdr[0..4].copy_from_slice(&flags.to_le_bytes());
         hdr[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
         hdr[8..16].copy_from_slice(&ct.to_le_bytes());
-        self.mem.write(CLB + slot * 32, &hdr).unwrap();
+        self.mem.write(CLB + port * 0x10000 + slot * 32, &hdr).unwrap();
         self.mem.write(ct, &fis).unwrap();
         for (i, &(a, n, ibit)) in prds.iter().enumerate() {
             let mut e = [0u8; 16];
@@ -106,6 +128,11 @@ impl Rig {
         self.mem.read(a, &mut b).unwrap();
         b
     }
+}
+
+/// Command table of `slot` on `port`.
+fn table(port: u64, slot: u64) -> u64 {
+    CT + port * 0x40000 + slot * 0x1000
 }
 
 fn h2d(command: u8, lba: u64, count: u16) -> [u8; 20] {
@@ -162,7 +189,7 @@ fn hba_registers_at_power_on() {
     assert_eq!(r.r(0x400), 0);
     assert_eq!(r.r(0xffc), 0);
     let mut b = [0u8; 1];
-    r.ctrl.read(REGION_ABAR, 1, &mut b);
+    r.c().read(REGION_ABAR, 1, &mut b);
     assert_eq!(b[0], 31);
 }
 
@@ -226,13 +253,13 @@ fn port_cmd_engines_clo_and_write_one_to_clear() {
     r.pw(0, PX_CMD, pxcmd::SUD | pxcmd::CR | pxcmd::FR);
     assert_eq!(r.pr(0, PX_CMD), pxcmd::SUD | pxcmd::POD);
     // CLO clears BSY/DRQ and reads back 0.
-    r.ctrl.ports[0].regs.tfd = 0x88;
+    r.c().ports[0].regs.tfd = 0x88;
     r.pw(0, PX_CMD, pxcmd::SUD | pxcmd::CLO);
     assert_eq!(r.pr(0, PX_TFD), 0);
     assert_eq!(r.pr(0, PX_CMD) & pxcmd::CLO, 0);
     // PxIS/IS/SERR are write-1-to-clear; PxIE keeps only existing bits.
-    r.ctrl.ports[0].regs.is = pxis::DHRS | pxis::PSS | pxis::TFES;
-    r.ctrl.ports[0].regs.serr = 0x0401_0002;
+    r.c().ports[0].regs.is = pxis::DHRS | pxis::PSS | pxis::TFES;
+    r.c().ports[0].regs.serr = 0x0401_0002;
     r.pw(0, PX_IS, pxis::PSS);
     assert_eq!(r.pr(0, PX_IS), pxis::DHRS | pxis::TFES);
     r.pw(0, PX_SERR, 0x0400_0000);
@@ -240,7 +267,7 @@ fn port_cmd_engines_clo_and_write_one_to_clear() {
     r.pw(0, PX_IE, u32::MAX);
     assert_eq!(r.pr(0, PX_IE), pxis::VALID);
     // Byte write to IE touches only that byte.
-    r.ctrl.write(REGION_ABAR, 0x100 + PX_IE + 3, &[0]);
+    r.c().write(REGION_ABAR, 0x100 + PX_IE + 3, &[0]);
     assert_eq!(r.pr(0, PX_IE), pxis::VALID & 0x00ff_ffff);
     // CLB/FB alignment; upper halves.
     r.pw(0, PX_CLB, 0x1234_5fff);
@@ -251,9 +278,9 @@ fn port_cmd_engines_clo_and_write_one_to_clear() {
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&0x4000u32.to_le_bytes());
     b[4..].copy_from_slice(&0x2u32.to_le_bytes());
-    r.ctrl.write(REGION_ABAR, 0x100 + PX_CLB, &b[..4]);
-    r.ctrl.write(REGION_ABAR, 0x100 + PX_CLBU, &b[4..]);
-    assert_eq!(r.ctrl.ports[0].regs.clb, 0x2_0000_4000);
+    r.c().write(REGION_ABAR, 0x100 + PX_CLB, &b[..4]);
+    r.c().write(REGION_ABAR, 0x100 + PX_CLBU, &b[4..]);
+    assert_eq!(r.c().ports[0].regs.clb, 0x2_0000_4000);
 }
 
 #[test]
@@ -525,9 +552,9 @@ fn bad_input_ends_in_ata_errors() {
 fn read_only_disk_aborts_writes() {
     let mut r = Rig::new();
     let img = Arc::new(MemImage::new(vec![0; 64 * 512], true));
-    r.ctrl.attach_disk(2, img.clone()).unwrap();
-    assert!(matches!(r.ctrl.attach_disk(2, img.clone()), Err(AhciError::Occupied(2))));
-    assert!(matches!(r.ctrl.attach_disk(6, img.clone()), Err(AhciError::BadPort(6))));
+    r.c().attach_disk(2, img.clone()).unwrap();
+    assert!(matches!(r.c().attach_disk(2, img.clone()), Err(AhciError::Occupied(2))));
+    assert!(matches!(r.c().attach_disk(6, img.clone()), Err(AhciError::BadPort(6))));
     r.start(2);
     let ct = CT + 0x20000;
     let mut hdr = [0u8; 32];
@@ -616,6 +643,8 @@ fn msi_replaces_intx_when_enabled() {
         mem.write(CLB + slot * 32, &hdr).unwrap();
         mem.write(ct, &h2d(ata::FLUSH_CACHE, 0, 0)).unwrap();
         w(0x100 + PX_CI, 1 << slot);
+        // The flush runs on the port's I/O worker.
+        AhciController::drain(&ctrl);
     };
     w(0x100 + PX_CLB, CLB as u32);
     w(0x100 + PX_FB, FB as u32);
@@ -668,30 +697,32 @@ fn snapshot_round_trip() {
     a.issue(1); // halts the port with TFES pending
     a.pw(1, PX_CMD, pxcmd::SUD);
     a.pw(1, PX_SCTL, 0x301);
-    a.ctrl.idp_index = 0x10;
-    let p = payload(&a.ctrl);
-    assert_prefixes_fail(&a.ctrl, &p);
+    a.c().idp_index = 0x10;
+    let p = payload(&*a.c());
+    assert_prefixes_fail(&*a.c(), &p);
     let mut b = Rig::new();
-    load(&mut b.ctrl, &p).unwrap();
-    assert_eq!(payload(&b.ctrl), p);
+    load(&mut *b.c(), &p).unwrap();
+    assert_eq!(payload(&*b.c()), p);
     assert_eq!(b.sink.take(), vec![IrqEvent::Intx(3, 0, true)], "the line comes back up");
     assert_eq!(b.pr(0, PX_TFD), 0x451);
-    assert!(b.ctrl.ports[0].halted);
+    assert!(b.c().ports[0].halted);
     // Restoring into a controller with different devices or with bad values fails.
-    let mut c = Rig::new();
-    c.ctrl.attach_disk(3, Arc::new(MemImage::new(vec![0; 512], false))).unwrap();
-    assert!(load(&mut c.ctrl, &p).is_err());
+    let c = Rig::new();
+    c.c().attach_disk(3, Arc::new(MemImage::new(vec![0; 512], false))).unwrap();
+    assert!(load(&mut *c.c(), &p).is_err());
     let mut bad = p.clone();
     bad[0] = 0xff; // GHC reserved bits
-    assert!(load(&mut b.ctrl, &bad).is_err());
+    assert!(load(&mut *b.c(), &bad).is_err());
     // Power-on reset clears everything but the attachment.
-    b.ctrl.reset();
+    b.c().reset();
     assert_eq!((b.pr(0, PX_CMD), b.pr(0, PX_TFD), b.r(HBA_GHC)), (pxcmd::POD, 0x7f, GHC_AE));
-    assert!(b.ctrl.has_device(0));
-    assert!(b.ctrl.detach(0).is_ok());
-    assert!(!b.ctrl.has_device(0));
-    assert!(matches!(b.ctrl.detach(0), Err(AhciError::Empty(0))));
+    assert!(b.c().has_device(0));
+    assert!(b.c().detach(0).is_ok());
+    assert!(!b.c().has_device(0));
+    assert!(matches!(b.c().detach(0), Err(AhciError::Empty(0))));
 }
+
+mod deferred;
 
 /// ATAPI CD-ROM drives on a port.
 mod cd {
@@ -700,10 +731,10 @@ mod cd {
 
     const CD_BLOCKS: usize = 100;
 
-    fn cd_image() -> Arc<dyn BlockBackend> {
+    pub(super) fn cd_image() -> Arc<dyn BlockBackend> {
         Arc::new(MemImage::new(cd_pattern(), true))
     }
-    fn cd_pattern() -> Vec<u8> {
+    pub(super) fn cd_pattern() -> Vec<u8> {
         (0..CD_BLOCKS * CD_BLOCK_SIZE).map(|i| (i / CD_BLOCK_SIZE * 5 + i * 3) as u8).collect()
     }
 
@@ -718,7 +749,7 @@ mod cd {
         r
     }
 
-    fn packet(dma: bool) -> [u8; 20] {
+    pub(super) fn packet(dma: bool) -> [u8; 20] {
         let mut f = h2d(ata::PACKET, 0, 0);
         f[3] = u8::from(dma);
         // Byte count limit (PIO), as Linux sets it.
@@ -729,7 +760,7 @@ mod cd {
 
     impl Rig {
         /// Slot `slot`: PACKET with `cdb` in the ACMD area, header bit A set.
-        fn packet(&self, slot: u64, cdb: &[u8], dma: bool, prds: &[(u64, u32, bool)]) {
+        pub(super) fn packet(&self, slot: u64, cdb: &[u8], dma: bool, prds: &[(u64, u32, bool)]) {
             self.build_flags(slot, packet(dma), prds, 1 << 5);
             let mut acmd = [0u8; 16];
             acmd[..cdb.len()].copy_from_slice(cdb);
@@ -760,7 +791,7 @@ mod cd {
         0x51 | (key << 4 | 4) << 8
     }
 
-    fn read10(lba: u32, blocks: u16) -> [u8; 12] {
+    pub(super) fn read10(lba: u32, blocks: u16) -> [u8; 12] {
         let mut c = [0u8; 12];
         c[0] = op::READ_10;
         c[2..6].copy_from_slice(&lba.to_be_bytes());
@@ -820,13 +851,13 @@ mod cd {
     #[test]
     fn unit_attention_after_insert_then_request_sense() {
         let mut r = rig(false);
-        assert!(!r.ctrl.cdrom(0).unwrap().has_media());
+        assert!(!r.c().cdrom(0).unwrap().has_media());
         // No medium: NOT READY / MEDIUM NOT PRESENT, interrupt raised.
         assert_eq!(r.cdb(&[op::TEST_UNIT_READY], false, &[]), (pxis::TFES | pxis::DHRS, check(2)));
         let f = r.fis(cmd::RX_RFIS, 20);
         assert_eq!((f[1], f[2], f[3], f[12]), (0x40, 0x51, 0x24, 3));
         assert_eq!(r.sink.take(), vec![IrqEvent::Intx(3, 0, true), IrqEvent::Intx(3, 0, false)]);
-        r.ctrl.insert_media(0, cd_image()).unwrap();
+        r.c().insert_media(0, cd_image()).unwrap();
         assert_eq!(r.cdb(&[op::TEST_UNIT_READY], false, &[]), (pxis::TFES | pxis::DHRS, check(6)));
         // REQUEST SENSE by PIO: PIO Setup FIS then the D2H FIS with the final status.
         r.mem.write(FB + cmd::RX_RFIS, &[0; 20]).unwrap();
@@ -913,7 +944,7 @@ mod cd {
         r.build_flags(0, ovl, &[], 1 << 5);
         assert_eq!(r.run(), (pxis::TFES | pxis::DHRS, 0x451));
         // The medium is read-only whatever the guest does.
-        assert!(r.ctrl.cdrom(0).unwrap().media().unwrap().is_read_only());
+        assert!(r.c().cdrom(0).unwrap().media().unwrap().is_read_only());
     }
 
     #[test]
@@ -921,33 +952,36 @@ mod cd {
         let mut r = rig(true);
         let lock = [op::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1, 0];
         assert_eq!(r.cdb(&lock, false, &[]), (pxis::DHRS, 0x50));
-        assert!(r.ctrl.cdrom(0).unwrap().is_locked());
-        assert!(matches!(r.ctrl.eject_media(0, false), Err(AhciError::Locked(0))));
-        assert!(r.ctrl.cdrom(0).unwrap().has_media());
+        assert!(r.c().cdrom(0).unwrap().is_locked());
+        assert!(matches!(r.c().eject_media(0, false), Err(AhciError::Locked(0))));
+        assert!(r.c().cdrom(0).unwrap().has_media());
         // The guest hears about the eject request (GET EVENT STATUS NOTIFICATION, media class).
         let gesn = [op::GET_EVENT_STATUS_NOTIFICATION, 1, 0, 0, 0x10, 0, 0, 0, 8, 0];
         assert_eq!(r.cdb(&gesn, true, &[(BUF, 8, false)]), (pxis::DHRS, 0x50));
         assert_eq!(r.guest(BUF, 5)[4] & 0xf, 1, "eject request");
         // Forced eject works; the drive is then empty.
-        assert!(r.ctrl.eject_media(0, true).unwrap().is_some());
+        assert!(r.c().eject_media(0, true).unwrap().is_some());
         assert_eq!(r.cdb(&read10(0, 1), true, &[(BUF, 2048, false)]), (pxis::TFES | pxis::DHRS, check(2)));
         // Media calls on the wrong port.
-        r.ctrl.attach_disk(1, r.img.clone()).unwrap();
-        assert!(matches!(r.ctrl.insert_media(1, cd_image()), Err(AhciError::NotCdrom(1))));
-        assert!(matches!(r.ctrl.eject_media(2, false), Err(AhciError::NotCdrom(2))));
-        assert!(matches!(r.ctrl.eject_media(6, false), Err(AhciError::BadPort(6))));
-        assert!(r.ctrl.cdrom(1).is_none() && r.ctrl.cdrom(9).is_none());
-        assert!(matches!(r.ctrl.attach_cdrom(0, None, CdConfig::default()), Err(AhciError::Occupied(0))));
+        r.c().attach_disk(1, r.img.clone()).unwrap();
+        assert!(matches!(r.c().insert_media(1, cd_image()), Err(AhciError::NotCdrom(1))));
+        assert!(matches!(r.c().eject_media(2, false), Err(AhciError::NotCdrom(2))));
+        assert!(matches!(r.c().eject_media(6, false), Err(AhciError::BadPort(6))));
+        assert!(r.c().cdrom(1).is_none());
+        assert!(r.c().cdrom(9).is_none());
+        assert!(matches!(r.c().attach_cdrom(0, None, CdConfig::default()), Err(AhciError::Occupied(0))));
         // Reset keeps the medium (none now; insert one first) and drops the lock.
-        r.ctrl.insert_media(0, cd_image()).unwrap();
+        r.c().insert_media(0, cd_image()).unwrap();
         r.cdb(&lock, false, &[]);
-        r.ctrl.reset();
-        let cd = r.ctrl.cdrom(0).unwrap();
+        r.c().reset();
+        let c = r.c();
+        let cd = c.cdrom(0).unwrap();
         assert!(cd.has_media() && !cd.is_locked());
+        drop(c);
         // Flush and detach of an empty drive.
-        r.ctrl.eject_media(0, false).unwrap();
-        assert!(r.ctrl.flush_all().is_ok());
-        assert!(r.ctrl.detach(0).unwrap().is_none());
+        r.c().eject_media(0, false).unwrap();
+        assert!(r.c().flush_all().is_ok());
+        assert!(r.c().detach(0).unwrap().is_none());
     }
 
     #[test]
@@ -956,37 +990,53 @@ mod cd {
         a.cdb(&[op::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1, 0], false, &[]);
         a.cdb(&read10(200, 1), true, &[]); // leaves ILLEGAL REQUEST sense
         a.packet(0, &[op::TEST_UNIT_READY], false, &[]);
-        let p = payload(&a.ctrl);
-        assert_prefixes_fail(&a.ctrl, &p);
+        let p = payload(&*a.c());
+        assert_prefixes_fail(&*a.c(), &p);
         let mut b = rig(true);
-        load(&mut b.ctrl, &p).unwrap();
-        assert_eq!(payload(&b.ctrl), p);
-        let cd = b.ctrl.cdrom(0).unwrap();
+        load(&mut *b.c(), &p).unwrap();
+        assert_eq!(payload(&*b.c()), p);
+        let c = b.c();
+        let cd = c.cdrom(0).unwrap();
         assert!(cd.is_locked());
         assert_eq!(cd.sense().key, 5);
+        drop(c);
         assert_eq!(b.pr(0, PX_SIG), SIG_ATAPI);
         // A disk where the CD was, or no device: refused.
-        assert!(load(&mut Rig::new().ctrl, &p).is_err());
-        assert!(load(&mut Rig::with(|_, _| {}).ctrl, &p).is_err());
+        assert!(load(&mut *Rig::new().c(), &p).is_err());
+        assert!(load(&mut *Rig::with(|_, _| {}).c(), &p).is_err());
         // A restore into a drive with another medium reports a media change.
         let mut c = Rig::with(|c, _| {
             let other: Arc<dyn BlockBackend> = Arc::new(MemImage::new(vec![0; 10 * CD_BLOCK_SIZE], true));
             c.attach_cdrom(0, Some(other), CdConfig::default()).unwrap();
         });
-        load(&mut c.ctrl, &p).unwrap();
+        load(&mut *c.c(), &p).unwrap();
         c.build_flags(0, packet(false), &[], 1 << 5);
         c.mem.write(CT + 0x40, &[0; 16]).unwrap();
         assert_eq!(c.run(), (pxis::TFES | pxis::DHRS, check(6)));
-        // Version 1 streams (disks only) still load; a version-1 reader rejects a CD kind byte.
+        // Version 1 streams (disks only) and version 2 ones (no in-flight list) still load; a
+        // version-1 reader rejects a CD kind byte.
         let d = Rig::new();
-        let v1 = payload(&d.ctrl);
-        let mut e = Rig::new();
-        let mut rd = SectionReader::new("ahci", &v1);
-        let st = e.ctrl.decode(1, &mut rd).unwrap();
+        let mut w = SectionWriter::new();
+        d.c().save_as(&mut w, 2);
+        let v1 = w.as_bytes().to_vec();
+        for version in [1, 2] {
+            let e = Rig::new();
+            let mut rd = SectionReader::new("ahci", &v1);
+            let st = e.c().decode(version, &mut rd).unwrap();
+            rd.finish().unwrap();
+            e.c().apply(st).unwrap();
+            let pe = payload(&*e.c());
+            assert_eq!(pe, payload(&*d.c()));
+        }
+        let mut w = SectionWriter::new();
+        b.c().save_as(&mut w, 2);
+        let mut rd = SectionReader::new("ahci", w.as_bytes());
+        let st = b.c().decode(2, &mut rd).unwrap();
         rd.finish().unwrap();
-        e.ctrl.apply(st).unwrap();
+        b.c().apply(st).unwrap();
+        assert_eq!(payload(&*b.c()), p);
         let mut rd = SectionReader::new("ahci", &p);
-        assert!(b.ctrl.decode(1, &mut rd).is_err());
-        assert!(b.ctrl.decode(3, &mut SectionReader::new("ahci", &p)).is_err());
+        assert!(b.c().decode(1, &mut rd).is_err());
+        assert!(b.c().decode(4, &mut SectionReader::new("ahci", &p)).is_err());
     }
 }
