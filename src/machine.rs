@@ -905,10 +905,12 @@ mod tests {
 
     /// [`ahci_machine`] with `extra` drives after its three disks.
     fn ahci_machine_with(xen: bool, extra: Vec<crate::config::DiskConfig>) -> (Machine, TempImages) {
+        // Unique per call: tests run in parallel and one test may build two machines.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir();
-        let paths: Vec<std::path::PathBuf> = (0..3)
-            .map(|i| dir.join(format!("hvmdm-ahci-test-{}-{xen}-{i}.img", std::process::id())))
-            .collect();
+        let paths: Vec<std::path::PathBuf> =
+            (0..3).map(|i| dir.join(format!("hvmdm-ahci-test-{}-{n}-{i}.img", std::process::id()))).collect();
         for p in &paths {
             std::fs::write(p, vec![0u8; 64 * 512]).unwrap();
         }

@@ -5,8 +5,8 @@
 # shutdown through the ACPI power button. By name only (two guest boots, ~15 min under nested TCG).
 SCENARIO_DEFAULT=0
 SCENARIO_DM='$VMM_QEMU_XEN'
-SCENARIO_HDTYPE=ide
-SCENARIO_PCI="8086:1237 8086:7000 8086:7010"
+SCENARIO_HDTYPE=ahci
+SCENARIO_PCI="8086:1237 8086:7000 8086:7010 8086:2922"
 SCENARIO_MEMORY=128
 SCENARIO_GUEST_TIMEOUT=600
 SCENARIO_GUEST_APPEND="nopv hvmdm.beat=1 hvmdm.powerbtn=1 hvmdm.cpuhp=1 hvmdm.slpbtn=1 hvmdm.nmireboot=1"
