@@ -43,8 +43,9 @@ echo "== lane X"
 # dom0 root fs on a fresh machine). Nested TCG guests occasionally crash on their own (a guest
 # segfault seen once with qemu-xen too): a scenario that fails is run once more in a fresh outer
 # boot, and both results are printed; the retry's counts replace the first attempt's.
-# hvmdm-ops (pause, save/restore, shutdown, destroy) runs by name: one run hung after restore.
-scenarios=${LANEX_SCENARIOS:-hvmdm-ide hvmdm-restrict qemu-xen-ide}
+# hvmdm-ops and its qemu-xen twin qemu-xen-acpi (pause, vcpu-set, S3, save/restore, guest reboot,
+# ACPI shutdown, destroy; ~15 min each) run by name.
+scenarios=${LANEX_SCENARIOS:-hvmdm-ide hvmdm-ahci hvmdm-restrict qemu-xen-ide}
 bash tests/lanex/run-lane-x.sh $scenarios 2>&1 | tee /tmp/hvmdm-lanex.log
 x_rc=${PIPESTATUS[0]}
 failed=$(sed -nE 's#^FAIL ([^/]+)/.*#\1#p' /tmp/hvmdm-lanex.log | sort -u | tr '\n' ' ')
