@@ -321,7 +321,13 @@ if [ "$BEAT" -gt 0 ] 2>/dev/null; then
     sb0=$(sbcount)
     [ "$SLPBTN" = 1 ] && out "HVMDM-SLPBTN-WATCH $(cat "$SB" 2>/dev/null || echo missing)"
     cpus_done=
-    nmis() { awk '$1 == "NMI:" { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; print s }' /proc/interrupts; }
+    # NMIs summed over CPUs (a hot-added CPU adds a column); no awk: busybox awk crashed on it.
+    nmis() {
+        set -- $(sed -n 's/^ *NMI:\([0-9 ]*\).*/\1/p' /proc/interrupts)
+        t=0
+        for v in "$@"; do t=$((t + v)); done
+        echo "$t"
+    }
     nmi0=$(nmis)
     [ "$POWERBTN" = 1 ] && out "HVMDM-POWERBTN-WATCH $(cat "$PB" 2>/dev/null || echo missing)"
     # busybox poweroff/reboot without -f signal init (the PV control path runs them).
