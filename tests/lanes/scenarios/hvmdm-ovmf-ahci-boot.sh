@@ -1,8 +1,6 @@
 # hvmdm twin of qemu-ovmf-ahci-boot: OVMF boots the unified kernel image on the GPT disk's ESP (AHCI port 0); data disks on ports 1-3; NCQ in use.
-# Not run by default until the storage CLI has landed (the lead enables it after merging):
-#   --disk file=PATH,if=ide|ahci,format=raw|qcow2,media=disk|cdrom,readonly=on  and  --boot c|d.
 SCENARIO_TIMEOUT=300
-SCENARIO_DEFAULT=0
+SCENARIO_DEFAULT=1
 SCENARIO_NEEDS=hvmdm
 SCENARIO_MEDIA=1
 # OVMF on an in-kernel LAPIC: see hvmdm-ovmf-ide.sh (isolated; BLOCKED on the stock outer QEMU).
