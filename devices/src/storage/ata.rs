@@ -61,6 +61,7 @@ pub mod cmd {
     pub const EXECUTE_DEVICE_DIAGNOSTIC: u8 = 0x90;
     pub const INITIALIZE_DEVICE_PARAMETERS: u8 = 0x91;
     pub const PACKET: u8 = 0xA0;
+    pub const SMART: u8 = 0xB0;
     pub const IDENTIFY_PACKET_DEVICE: u8 = 0xA1;
     pub const READ_MULTIPLE: u8 = 0xC4;
     pub const WRITE_MULTIPLE: u8 = 0xC5;
@@ -430,10 +431,11 @@ impl AtaDisk {
         id[67] = 120;
         id[68] = 120;
         id[80] = 0xf0; // ATA/ATAPI-4 .. ATA/ATAPI-7
-        id[82] = (1 << 14) | (1 << 5); // NOP, write cache
+        id[82] = (1 << 14) | (1 << 5) | 1; // NOP, write cache, SMART
         id[83] = (1 << 14) | (1 << 13) | (1 << 12) | (1 << 10); // FLUSH EXT, FLUSH, LBA48
         id[84] = (1 << 14) | (1 << 6); // WRITE DMA/MULTIPLE FUA EXT
-        id[85] = (1 << 14) | if self.write_cache { 1 << 5 } else { 0 };
+                                       // SMART is always enabled (see `smart`).
+        id[85] = (1 << 14) | if self.write_cache { 1 << 5 } else { 0 } | 1;
         id[86] = (1 << 13) | (1 << 12) | (1 << 10);
         id[87] = (1 << 14) | (1 << 6);
         id[88] = 0x3f; // UDMA 0-5
@@ -577,6 +579,7 @@ impl AtaDisk {
                 Ok(AtaAction::Complete)
             }
             SET_FEATURES => self.set_features(tf),
+            SMART => Self::smart(tf),
             SET_MULTIPLE_MODE => {
                 let n = tf.count;
                 if n > MAX_MULTIPLE || (n != 0 && !n.is_power_of_two()) {
@@ -611,6 +614,51 @@ impl AtaDisk {
                 warn_limited!(
                     format!("ata-unknown-cmd-{other:02x}"),
                     "ata: unsupported command {other:#04x}"
+                );
+                Err(AtaError::Abort)
+            }
+        }
+    }
+
+    /// Minimal SMART, enough for smartctl and guest health probes: the feature set is always
+    /// enabled (DISABLE OPERATIONS aborts, so there is no state to save), the status is "no
+    /// threshold exceeded", the data and threshold pages carry no attributes, and the offline
+    /// and self-test commands complete at once. Every subcommand needs the 4Fh/C2h key.
+    fn smart(tf: &mut Taskfile) -> Result<AtaAction, AtaError> {
+        const READ_DATA: u8 = 0xd0;
+        const READ_THRESHOLDS: u8 = 0xd1;
+        const AUTOSAVE: u8 = 0xd2;
+        const EXECUTE_OFFLINE: u8 = 0xd4;
+        const ENABLE: u8 = 0xd8;
+        const RETURN_STATUS: u8 = 0xda;
+        if (tf.lba_mid, tf.lba_high) != (0x4f, 0xc2) {
+            return Err(AtaError::Abort);
+        }
+        let page = |fill: &dyn Fn(&mut [u8; SECTOR_SIZE])| {
+            let mut p = [0u8; SECTOR_SIZE];
+            p[0] = 1; // data structure revision
+            fill(&mut p);
+            let sum = p[..511].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+            p[511] = sum.wrapping_neg();
+            AtaAction::DataIn(p.to_vec())
+        };
+        match tf.feature {
+            ENABLE | AUTOSAVE | EXECUTE_OFFLINE => Ok(AtaAction::Complete),
+            // "No threshold exceeded" leaves the key in LBA mid/high.
+            RETURN_STATUS => Ok(AtaAction::Complete),
+            READ_DATA => Ok(page(&|p| {
+                p[362] = 0x82; // off-line data collection completed without error
+                p[367] = 0x1b; // off-line immediate, self-test, abort on new command supported
+                p[368] = 0x03; // saves data before power saving, supports the autosave timer
+                p[370] = 0x01; // error logging supported
+                p[372] = 1; // short self-test polling time (minutes)
+                p[373] = 1; // extended self-test polling time
+            })),
+            READ_THRESHOLDS => Ok(page(&|_| {})),
+            other => {
+                warn_limited!(
+                    format!("ata-smart-{other:02x}"),
+                    "ata: unsupported SMART subcommand {other:#04x}"
                 );
                 Err(AtaError::Abort)
             }
@@ -871,6 +919,40 @@ mod tests {
         assert_eq!(word(&id, 100), 20165);
         assert_eq!((word(&id, 101), word(&id, 102), word(&id, 103)), (0, 0, 0));
         assert_eq!(word(&id, 106), 0x4000);
+    }
+
+    #[test]
+    fn minimal_smart() {
+        let (mut d, _) = disk(64);
+        let id = d.identify();
+        assert_eq!((word(&id, 82) & 1, word(&id, 85) & 1), (1, 1));
+        let mut tf = Taskfile {
+            command: cmd::SMART,
+            feature: 0xda,
+            lba_mid: 0x4f,
+            lba_high: 0xc2,
+            ..Default::default()
+        };
+        assert_eq!(d.execute(&mut tf), Ok(AtaAction::Complete));
+        assert_eq!((tf.lba_mid, tf.lba_high), (0x4f, 0xc2), "no threshold exceeded");
+        for f in [0xd0u8, 0xd1] {
+            tf.feature = f;
+            let Ok(AtaAction::DataIn(p)) = d.execute(&mut tf) else { panic!("SMART {f:#x}") };
+            assert_eq!(p.len(), SECTOR_SIZE);
+            assert_eq!(p.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
+        }
+        for f in [0xd8u8, 0xd2, 0xd4] {
+            tf.feature = f;
+            assert_eq!(d.execute(&mut tf), Ok(AtaAction::Complete));
+        }
+        // DISABLE OPERATIONS, READ LOG and a missing key abort.
+        tf.feature = 0xd9;
+        assert_eq!(d.execute(&mut tf), Err(AtaError::Abort));
+        tf.feature = 0xd5;
+        assert_eq!(d.execute(&mut tf), Err(AtaError::Abort));
+        tf.feature = 0xda;
+        tf.lba_high = 0;
+        assert_eq!(d.execute(&mut tf), Err(AtaError::Abort));
     }
 
     #[test]
