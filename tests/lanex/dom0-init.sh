@@ -107,6 +107,10 @@ for f in /lanex/scenarios/*.sh; do
             tail -n 40 "$l" | tr -d '\r' | sed "s|^|LANEX-LOG $name $(basename "$l") |" > /dev/console
         done
         timeout 30 "$XENBIN/xl" dmesg 2>&1 | tail -n 60 | sed "s/^/LANEX-LOG $name xl-dmesg /" > /dev/console
+        # What the guest printed and what was blocked where, for a run that never finished.
+        [ -f "$dir/serial.log" ] && tail -n 80 "$dir/serial.log" | tr -d '\r' |
+            sed "s/^/LANEX-LOG $name serial /" > /dev/console
+        ps -eo pid,stat,wchan:24,etime,args 2>&1 | head -n 80 | sed "s/^/LANEX-LOG $name ps-after-timeout /" > /dev/console
     fi
     say "LANEX-RESULT $name exit=$rc timeout=$to wall=$(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')"
 done
