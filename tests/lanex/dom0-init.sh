@@ -80,6 +80,18 @@ for k in xen_version virt_caps total_memory free_memory nr_cpus xen_commandline;
     say "LANEX-INFO $k $(awk -F': ' -v k="$k" '$1 ~ "^" k " *$" { print $2; exit }' /tmp/xlinfo)"
 done
 
+# Before a timed-out scenario is killed: where every process, and every device-model thread,
+# is blocked in the kernel (a stuck scenario has been seen once, with maxvcpus=2).
+timeout_dump() {
+    ps -eo pid,stat,wchan:24,etime,args 2>&1 | head -n 100 | sed "s/^/LANEX-LOG $1 ps-at-timeout /" > /dev/console
+    for p in $(pgrep -f -- '-xen-domid' 2>/dev/null); do
+        for t in /proc/"$p"/task/*; do
+            echo "pid $p tid ${t##*/} $(cat "$t/comm" 2>/dev/null) state=$(awk '/^State:/ { print $2 }' "$t/status" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
+            timeout 5 cat "$t/stack" 2>/dev/null
+        done
+    done | sed "s/^/LANEX-LOG $1 dm-stacks /" > /dev/console
+}
+
 for f in /lanex/scenarios/*.sh; do
     [ -f "$f" ] || continue
     name=$(basename "$f" .sh)
@@ -92,7 +104,7 @@ for f in /lanex/scenarios/*.sh; do
     # Own session so the time limit takes the scenario's children (xl, cat, ...) with it.
     setsid sh /lanex/scenario.sh "$f" "$dir" < /dev/null > /dev/console 2> "$dir/stderr" &
     pid=$!
-    ( sleep "$limit"; touch "$dir/timedout"; kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null ) &
+    ( sleep "$limit"; touch "$dir/timedout"; timeout_dump "$name"; kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null ) &
     wd=$!
     wait "$pid"
     rc=$?
@@ -107,10 +119,9 @@ for f in /lanex/scenarios/*.sh; do
             tail -n 40 "$l" | tr -d '\r' | sed "s|^|LANEX-LOG $name $(basename "$l") |" > /dev/console
         done
         timeout 30 "$XENBIN/xl" dmesg 2>&1 | tail -n 60 | sed "s/^/LANEX-LOG $name xl-dmesg /" > /dev/console
-        # What the guest printed and what was blocked where, for a run that never finished.
+        # What the guest printed (timeout_dump showed what was blocked where).
         [ -f "$dir/serial.log" ] && tail -n 80 "$dir/serial.log" | tr -d '\r' |
             sed "s/^/LANEX-LOG $name serial /" > /dev/console
-        ps -eo pid,stat,wchan:24,etime,args 2>&1 | head -n 80 | sed "s/^/LANEX-LOG $name ps-after-timeout /" > /dev/console
     fi
     say "LANEX-RESULT $name exit=$rc timeout=$to wall=$(awk -v a="$t0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')"
 done
