@@ -83,13 +83,15 @@ done
 # Before a timed-out scenario is killed: where every process, and every device-model thread,
 # is blocked in the kernel (a stuck scenario has been seen once, with maxvcpus=2).
 timeout_dump() {
-    ps -eo pid,stat,wchan:24,etime,args 2>&1 | head -n 100 | sed "s/^/LANEX-LOG $1 ps-at-timeout /" > /dev/console
+    # Only files that never take the target's mm lock (wchan, stack, stat; not cmdline or status),
+    # so a device model stuck in the kernel cannot stall the dump itself.
     for p in $(pgrep -f -- '-xen-domid' 2>/dev/null); do
         for t in /proc/"$p"/task/*; do
-            echo "pid $p tid ${t##*/} $(cat "$t/comm" 2>/dev/null) state=$(awk '/^State:/ { print $2 }' "$t/status" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
-            timeout 5 cat "$t/stack" 2>/dev/null
+            echo "pid $p tid ${t##*/} $(cat "$t/comm" 2>/dev/null) state=$(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
+            cat "$t/stack" 2>/dev/null
         done
     done | sed "s/^/LANEX-LOG $1 dm-stacks /" > /dev/console
+    ps -eo pid,stat,wchan:24,etime,comm 2>&1 | head -n 100 | sed "s/^/LANEX-LOG $1 ps-at-timeout /" > /dev/console
 }
 
 for f in /lanex/scenarios/*.sh; do
