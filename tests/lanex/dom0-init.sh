@@ -85,8 +85,11 @@ done
 timeout_dump() {
     # Only files that never take the target's mm lock (wchan, stack, stat; not cmdline or status),
     # so a device model stuck in the kernel cannot stall the dump itself.
-    for p in $(pgrep -f -- '-xen-domid' 2>/dev/null); do
-        for t in /proc/"$p"/task/*; do
+    # Device models by comm (pgrep -f would read cmdline, which takes the mm lock).
+    for d in /proc/[0-9]*; do
+        case "$(cat "$d/comm" 2>/dev/null)" in hvmdm | qemu-system-i38) ;; *) continue ;; esac
+        p=${d#/proc/}
+        for t in "$d"/task/*; do
             echo "pid $p tid ${t##*/} $(cat "$t/comm" 2>/dev/null) state=$(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
             cat "$t/stack" 2>/dev/null
         done
