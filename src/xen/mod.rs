@@ -233,11 +233,7 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
                 let out = match ev {
                     // With one vCPU there is no other vCPU to hold up: serve inline and save
                     // the two thread hand-offs per request.
-                    Event::Request(f) if inline => {
-                        let out = f.run(&mut handler, &*ram)?;
-                        platform.enter_pending_suspend();
-                        out
-                    }
+                    Event::Request(f) if inline => f.run(&mut handler, &*ram)?,
                     Event::Request(f) => {
                         workers.dispatch(f);
                         continue;
@@ -253,8 +249,8 @@ pub fn run(argv: Vec<OsString>) -> Result<i32> {
                 }
             }
         }
-        // Any other path that served the sleep write (buffered drain, a request run here
-        // because no worker could take it) has answered by now.
+        // Requests served on this thread (inline, buffered, or run here because no worker could
+        // take one) have all been answered by now; workers use their after-answer hook.
         platform.enter_pending_suspend();
         for r in workers.reports() {
             match r {
