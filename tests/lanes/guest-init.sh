@@ -40,6 +40,9 @@
 #   hvmdm.slpbtn=1     with hvmdm.beat: on an ACPI fixed sleep-button event (`xl trigger sleep`)
 #                      print HVMDM-S3-ENTER, suspend to RAM (echo mem > /sys/power/state), then
 #                      print HVMDM-S3-RESUMED (or HVMDM-S3-FAILED if the kernel refused).
+#   hvmdm.cdwatch=1    with hvmdm.beat: each beat read the first 32 KiB of /dev/sr0 (O_DIRECT) and
+#                      on a change print HVMDM-CD <beat> <sha256 | none> (none: no medium, the read
+#                      failed); the first beat prints the initial state (`xl cd-eject/insert`).
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
 
@@ -64,6 +67,7 @@ POWERBTN=0
 CPUHP=0
 SLPBTN=0
 NMIREBOOT=0
+CDWATCH=0
 STORAGE=
 IOBENCH=
 for arg in $(cat /proc/cmdline); do
@@ -80,6 +84,7 @@ for arg in $(cat /proc/cmdline); do
         hvmdm.cpuhp=*) CPUHP=${arg#*=} ;;
         hvmdm.slpbtn=*) SLPBTN=${arg#*=} ;;
         hvmdm.nmireboot=*) NMIREBOOT=${arg#*=} ;;
+        hvmdm.cdwatch=*) CDWATCH=${arg#*=} ;;
         hvmdm.storage=*) STORAGE=${arg#*=} ;;
         hvmdm.iobench=*) IOBENCH=${arg#*=} ;;
     esac
@@ -333,10 +338,26 @@ if [ "$BEAT" -gt 0 ] 2>/dev/null; then
     # busybox poweroff/reboot without -f signal init (the PV control path runs them).
     trap 'out "HVMDM-PV-POWEROFF"; sync; poweroff -f' USR2
     trap 'out "HVMDM-PV-REBOOT"; sync; reboot -f' TERM
+    # The medium in the first CD drive: a checksum of its first 32 KiB, or none.
+    cdstate() {
+        rm -f /tmp/cd
+        if dd if=/dev/sr0 of=/tmp/cd bs=2048 count=16 iflag=direct 2>/dev/null && [ -s /tmp/cd ]; then
+            set -- $(sha256sum < /tmp/cd)
+            echo "$1"
+        else
+            echo none
+        fi
+    }
+    cd0=
     n=0
     while :; do
         n=$((n + 1))
         out "HVMDM-BEAT $n $(cut -d' ' -f1 /proc/uptime) $BOOTID"
+        if [ "$CDWATCH" = 1 ]; then
+            c=$(cdstate)
+            [ "$c" != "$cd0" ] && out "HVMDM-CD $n $c"
+            cd0=$c
+        fi
         if [ "$POWERBTN" = 1 ] && [ "$(pbcount)" != "$pb0" ]; then
             out "HVMDM-POWERBTN $(cat "$PB")"
             sync

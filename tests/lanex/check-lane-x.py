@@ -38,6 +38,8 @@ HVMDM-BEAT <n> <uptime> <boot_id>):
   shutdown     `xl shutdown -F` succeeds, the guest saw the request (PV control or ACPI power
                button), the domain and its device model go away, shutdown reason poweroff
   powerbtn     that shutdown went through the ACPI power button (no PV drivers in the guest)
+  cdchange     the guest reads the first CD medium, `xl cd-eject` empties the drive (the guest's
+               read fails), `xl cd-insert` of a second medium makes the guest read its content
   destroy      `xl destroy` succeeds, the device model exits within 10 s, the domain is gone
   restricted   the device model runs deprivileged (dm_restrict=1): non-root uid,
                -xen-domid-restrict on its command line
@@ -50,7 +52,7 @@ import sys
 
 OUT = os.environ.get("LANEX_OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
 DEFAULT_CHECKS = ["marker", "disk", "pci", "acpi-errors", "fwlog", "gone", "exit"]
-OP_CHECKS = ["pause", "save", "vcpuset", "s3", "reboot", "nmireboot", "shutdown", "powerbtn", "destroy", "restricted", "dm-log"]
+OP_CHECKS = ["pause", "save", "vcpuset", "s3", "cdchange", "reboot", "nmireboot", "shutdown", "powerbtn", "destroy", "restricted", "dm-log"]
 ALL_CHECKS = DEFAULT_CHECKS + OP_CHECKS
 ORDER = ["ran", "create"] + ALL_CHECKS
 
@@ -128,6 +130,12 @@ def check_op(c, ops):
              "boot_id changed (%s -> %s): not the same boot" % (o.get("boot_before"), o.get("boot_after")))
         nb, na = num(o.get("beat_before")), num(o.get("beat_after"))
         need(nb is not None and na is not None and na > nb, "heartbeat did not go on (%s -> %s)" % (nb, na))
+    elif c == "cdchange":
+        need(o.get("initial") == "1", "the guest did not read the first medium's content")
+        need(o.get("eject_rc") == "0", "xl cd-eject rc=%s" % o.get("eject_rc"))
+        need(o.get("ejected") == "1", "the guest still read a medium after xl cd-eject")
+        need(o.get("insert_rc") == "0", "xl cd-insert rc=%s" % o.get("insert_rc"))
+        need(o.get("inserted") == "1", "the guest did not read the inserted medium's content")
     elif c in ("reboot", "nmireboot"):
         need(o.get("rc") == "0", "xl %s rc=%s" % ("reboot" if c == "reboot" else "trigger nmi", o.get("rc")))
         if c == "nmireboot":
@@ -345,7 +353,7 @@ def check(path, report, info):
             ms.get("dm_rss_kb", "?"), res.get("wall", "?"), h.get("host_wall", "?"),
             ("; SeaBIOS: " + pcidev[0].strip()) if pcidev else ""))
     timing = {"pause": ["beat_interval_s", "pause_window_s", "resume_s"], "save": ["save_s", "size", "restore_s"],
-              "vcpuset": ["seen_s", "cpus"], "s3": ["resume_s"],
+              "vcpuset": ["seen_s", "cpus"], "s3": ["resume_s"], "cdchange": ["eject_s", "insert_s"],
               "reboot": ["restart_s", "marker2_s"], "nmireboot": ["restart_s", "marker2_s"], "shutdown": ["path", "guest_saw", "gone_s", "dm_gone_s"],
               "destroy": ["fresh", "destroy_s", "dm_gone_s"], "dm": ["uid", "domid_restrict"]}
     t = ["%s %s" % (o, " ".join("%s=%s" % (k, ops[o].get(k, "?")) for k in timing[o]))

@@ -94,7 +94,14 @@ timeout_dump() {
             cat "$t/stack" 2>/dev/null
         done
     done | sed "s/^/LANEX-LOG $1 dm-stacks /" > /dev/console
-    ps -eo pid,stat,wchan:24,etime,comm 2>&1 | head -n 100 | sed "s/^/LANEX-LOG $1 ps-at-timeout /" > /dev/console
+    # The scenario's own processes (its session): what each waits on in the kernel.
+    for d in /proc/[0-9]*; do
+        [ "$(cut -d' ' -f6 "$d/stat" 2>/dev/null)" = "$2" ] || continue
+        echo "pid ${d#/proc/} $(cat "$d/comm" 2>/dev/null) state=$(cut -d' ' -f3 "$d/stat" 2>/dev/null) wchan=$(cat "$d/wchan" 2>/dev/null)"
+        cat "$d/stack" 2>/dev/null | head -n 12
+    done | sed "s/^/LANEX-LOG $1 scenario-procs /" > /dev/console
+    ps -eo pid,ppid,stat,wchan:24,etime,comm 2>&1 | awk '$2 != 2 && $1 != 2' | head -n 100 |
+        sed "s/^/LANEX-LOG $1 ps-at-timeout /" > /dev/console
 }
 
 for f in /lanex/scenarios/*.sh; do
@@ -109,7 +116,7 @@ for f in /lanex/scenarios/*.sh; do
     # Own session so the time limit takes the scenario's children (xl, cat, ...) with it.
     setsid sh /lanex/scenario.sh "$f" "$dir" < /dev/null > /dev/console 2> "$dir/stderr" &
     pid=$!
-    ( sleep "$limit"; touch "$dir/timedout"; timeout_dump "$name"; kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null ) &
+    ( sleep "$limit"; touch "$dir/timedout"; timeout_dump "$name" "$pid"; kill -KILL -"$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null ) &
     wd=$!
     wait "$pid"
     rc=$?

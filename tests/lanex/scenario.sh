@@ -28,6 +28,7 @@ SCENARIO_GONE_TIMEOUT=60
 SCENARIO_CFG_EXTRA=
 SCENARIO_ON_REBOOT=destroy
 SCENARIO_OPS=
+SCENARIO_CDROM=0
 . "$f"
 # Placeholders a scenario may use.
 VMM_QEMU_XEN=/usr/libexec/xen-qemu-system-i386
@@ -51,6 +52,13 @@ step() { echo "$*" | emit step; }
 disk=/lanex/disks/$name.img
 [ -f "$disk" ] || disk=/lanex/boot.img
 cfg=$dir/guest.cfg
+if [ "$SCENARIO_CDROM" = 1 ]; then
+    # Two 1 MiB media of random content; the guest reports sha256 of the first 32 KiB.
+    for m in cd1 cd2; do
+        dd if=/dev/urandom of="$dir/$m.iso" bs=2048 count=512 2>/dev/null
+    done
+fi
+cdsum() { head -c 32768 "$dir/$1.iso" | sha256sum | cut -d' ' -f1; }
 {
     echo "name=\"$GUEST\""
     echo 'type="hvm"'
@@ -65,7 +73,12 @@ cfg=$dir/guest.cfg
     echo 'on_poweroff="destroy"'
     echo "on_reboot=\"$SCENARIO_ON_REBOOT\""
     echo 'on_crash="destroy"'
-    echo "disk=['format=raw,vdev=hda,access=rw,backendtype=qdisk,target=$disk']"
+    if [ "$SCENARIO_CDROM" = 1 ]; then
+        # An IDE CD-ROM (hdc) holding cd1.iso; op_cdchange swaps it for cd2.iso.
+        echo "disk=['format=raw,vdev=hda,access=rw,backendtype=qdisk,target=$disk', 'format=raw,vdev=hdc,access=ro,devtype=cdrom,target=$dir/cd1.iso']"
+    else
+        echo "disk=['format=raw,vdev=hda,access=rw,backendtype=qdisk,target=$disk']"
+    fi
     [ "$SCENARIO_HDTYPE" = ahci ] && echo 'hdtype="ahci"'
     echo 'device_model_version="qemu-xen"'
     [ -n "$DM" ] && echo "device_model_override=\"$DM\""
@@ -314,6 +327,26 @@ op_destroy() {
     dmg=$(dm_gone_s 10 "$olddm")
     wait_for 30 dom_gone "$olddom" && gone=1 || gone=0
     op "destroy fresh=$fresh rc=$rc destroy_s=$destroy_s domid=${olddom:-none} dm_pid=${olddm:-none} dm_gone_s=$dmg gone=$gone"
+}
+
+# CD-ROM media change (SCENARIO_CDROM=1, hvmdm.cdwatch=1): the guest first sees cd1, then
+# `xl cd-eject` (QMP eject) leaves the drive empty, then `xl cd-insert` (add-fd +
+# blockdev-change-medium) puts cd2 in; the guest reads each state back from the drive.
+cdlast() { grep -a 'HVMDM-CD [0-9]* [0-9a-fn]' "$serial" | tail -n 1 | tr -d '\r' | sed 's/.*HVMDM-CD [0-9]* //'; }
+cdis() { [ "$(cdlast)" = "$1" ]; }
+op_cdchange() {
+    beating
+    s1=$(cdsum cd1) s2=$(cdsum cd2)
+    wait_for 60 cdis "$s1" && initial=1 || initial=0
+    t=$(up)
+    xlop cdeject 60 cd-eject "$GUEST" hdc; erc=$?
+    wait_for 120 cdis none && ejected=1 || ejected=0
+    eject_s=$(since "$t")
+    t=$(up)
+    xlop cdinsert 60 cd-insert "$GUEST" hdc "$dir/cd2.iso"; irc=$?
+    wait_for 120 cdis "$s2" && inserted=1 || inserted=0
+    insert_s=$(since "$t")
+    op "cdchange initial=$initial eject_rc=$erc ejected=$ejected eject_s=$eject_s insert_rc=$irc inserted=$inserted insert_s=$insert_s last=$(cdlast | cut -c1-16)"
 }
 
 # What the running device model looks like: restricted (dm_restrict=1) or not.
