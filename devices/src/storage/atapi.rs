@@ -49,6 +49,7 @@ pub mod op {
     pub const GET_CONFIGURATION: u8 = 0x46;
     pub const GET_EVENT_STATUS_NOTIFICATION: u8 = 0x4a;
     pub const READ_DISC_INFORMATION: u8 = 0x51;
+    pub const READ_TRACK_INFORMATION: u8 = 0x52;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_12: u8 = 0xa8;
     pub const SET_CD_SPEED: u8 = 0xbb;
@@ -407,6 +408,7 @@ impl AtapiDrive {
                 | op::SEEK_10
                 | op::READ_TOC
                 | op::READ_DISC_INFORMATION
+                | op::READ_TRACK_INFORMATION
         );
         if needs_media && !self.has_media() {
             return self.fail(Sense::MEDIUM_NOT_PRESENT);
@@ -443,6 +445,7 @@ impl AtapiDrive {
                 AtapiAction::Complete
             }
             op::READ_DISC_INFORMATION => self.disc_information(&c),
+            op::READ_TRACK_INFORMATION => self.track_information(&c),
             op::MECHANISM_STATUS => {
                 let mut r = vec![0u8; 8];
                 if self.tray_open {
@@ -747,6 +750,31 @@ impl AtapiDrive {
                      // Last possible lead-out start: none (FF/FF/FF), as for a pressed disc.
         r[20..24].copy_from_slice(&[0xff; 4]);
         r[16..20].copy_from_slice(&[0xff; 4]);
+        self.reply(r, usize::from(be16(&c[7..])))
+    }
+
+    /// READ TRACK INFORMATION for our only track (track 1, session 1, a finalised data track
+    /// spanning the medium; Linux asks for it when it opens the drive). Addressed by an LBA on the
+    /// medium, track 1 or session 1; anything else (lead-in, the invisible track) is refused.
+    fn track_information(&mut self, c: &[u8]) -> AtapiAction {
+        let n = be32(&c[2..]);
+        let ok = match c[1] & 3 {
+            0 => u64::from(n) < self.blocks,
+            1 | 2 => n == 1,
+            _ => false,
+        };
+        if !ok {
+            return self.fail(if c[1] & 3 == 0 { Sense::LBA_OUT_OF_RANGE } else { Sense::INVALID_FIELD });
+        }
+        let mut r = vec![0u8; 36];
+        r[1] = 34;
+        r[2] = 1; // track number (LSB)
+        r[3] = 1; // session number (LSB)
+        r[5] = 0x04; // track mode: data, recorded uninterrupted
+        r[6] = 0x01; // data mode 1; not blank, not packet, not reserved
+                     // r[7] = 0: no next writable / last recorded address (a pressed disc); start LBA 0.
+        let size = self.blocks.min(u64::from(u32::MAX)) as u32;
+        r[24..28].copy_from_slice(&size.to_be_bytes());
         self.reply(r, usize::from(be16(&c[7..])))
     }
 
@@ -1162,6 +1190,26 @@ mod tests {
         );
         assert_eq!(d.execute(&cdb(&[op::SET_CD_SPEED, 0, 0xff, 0xff])), AtapiAction::Complete);
         assert_eq!(data(d.execute(&cdb(&[op::MECHANISM_STATUS, 0, 0, 0, 0, 0, 0, 0, 0, 8]))), [0; 8]);
+        // READ TRACK INFORMATION: by track 1, by session 1 and by an LBA inside the medium.
+        for (kind, n) in [(1u8, 1u8), (2, 1), (0, 9)] {
+            let r = data(d.execute(&cdb(&[op::READ_TRACK_INFORMATION, kind, 0, 0, 0, n, 0, 0, 36])));
+            assert_eq!(&r[..8], &[0, 34, 1, 1, 0, 4, 1, 0]);
+            assert_eq!(&r[24..28], &10u32.to_be_bytes(), "track size = medium blocks");
+        }
+        let r = data(d.execute(&cdb(&[op::READ_TRACK_INFORMATION, 1, 0, 0, 0, 1, 0, 0, 8])));
+        assert_eq!(r.len(), 8, "allocation length honoured");
+        expect_sense(
+            &mut d,
+            &cdb(&[op::READ_TRACK_INFORMATION, 0, 0, 0, 0, 10, 0, 0, 36]),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        for (kind, n) in [(1u8, 0u8), (1, 0xff), (2, 2), (3, 1)] {
+            expect_sense(
+                &mut d,
+                &cdb(&[op::READ_TRACK_INFORMATION, kind, 0, 0, 0, n, 0, 0, 36]),
+                Sense::INVALID_FIELD,
+            );
+        }
         expect_sense(&mut d, &cdb(&[0xff]), Sense::INVALID_OPCODE);
         expect_sense(&mut d, &cdb(&[0x0a]), Sense::INVALID_OPCODE); // WRITE(6)
                                                                     // Short packets read as zero-padded; an empty one is TEST UNIT READY.
@@ -1230,9 +1278,9 @@ mod tests {
                 *b = (x >> 16) as u8;
             }
             c[0] = [
-                0x00, 0x03, 0x12, 0x1b, 0x1e, 0x25, 0x28, 0x43, 0x46, 0x4a, 0x51, 0x5a, 0xa8, 0xbb, 0xbd,
-                0xbe, c[0],
-            ][(x % 17) as usize];
+                0x00, 0x03, 0x12, 0x1b, 0x1e, 0x25, 0x28, 0x43, 0x46, 0x4a, 0x51, 0x52, 0x5a, 0xa8, 0xbb,
+                0xbd, 0xbe, c[0],
+            ][(x % 18) as usize];
             if let AtapiAction::Read { lba, blocks } = d.execute(&c) {
                 assert!(u64::from(lba) + u64::from(blocks) <= 3);
             }
