@@ -2,12 +2,26 @@
 //! (vm-memory on KVM, a map cache over xenforeignmemory on Xen). Every address here is
 //! guest-controlled, so every access is fallible.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq, Clone, Copy)]
 pub enum GuestMemError {
     #[error("guest physical range {gpa:#x}+{len:#x} is not RAM")]
     OutOfRange { gpa: u64, len: usize },
+}
+
+/// A transfer between guest memory and a host file failed on one side or the other.
+#[derive(Debug, Error)]
+pub enum GuestFileError {
+    /// The guest range is not RAM (a DMA fault: the controller's error, no host I/O done).
+    #[error(transparent)]
+    Mem(#[from] GuestMemError),
+    /// The host read or write failed (the drive's error).
+    #[error("host file I/O: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 pub trait GuestRam: Send + Sync {
@@ -29,6 +43,25 @@ pub trait GuestRam: Send + Sync {
     }
     fn write_u32(&self, gpa: u64, v: u32) -> Result<(), GuestMemError> {
         self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Reads `len` bytes at `offset` of `file` into guest memory at `gpa` (disk DMA from a raw
+    /// image). This default goes through a bounce buffer; a backend whose RAM is mapped in this
+    /// process overrides it with one `pread` straight into the mapping (one copy instead of two).
+    fn read_from_file(&self, gpa: u64, len: usize, file: &File, offset: u64) -> Result<(), GuestFileError> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset)?;
+        self.write(gpa, &buf)?;
+        Ok(())
+    }
+
+    /// Writes `len` bytes of guest memory at `gpa` to `file` at `offset` (disk DMA to a raw
+    /// image); the counterpart of [`GuestRam::read_from_file`].
+    fn write_to_file(&self, gpa: u64, len: usize, file: &File, offset: u64) -> Result<(), GuestFileError> {
+        let mut buf = vec![0u8; len];
+        self.read(gpa, &mut buf)?;
+        file.write_all_at(&buf, offset)?;
+        Ok(())
     }
 }
 

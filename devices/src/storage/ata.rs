@@ -10,6 +10,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::image::BlockBackend;
+use crate::mem::{GuestFileError, GuestMemError, GuestRam};
 use crate::warn_limited;
 
 pub const SECTOR_SIZE: usize = 512;
@@ -791,6 +792,64 @@ impl SectorIo {
             warn_limited!("ata-flush-err", "ata: image flush failed: {e}");
             AtaError::Abort
         })
+    }
+
+    /// A transfer of `n` sectors at `lba` straight between guest memory and the image file,
+    /// after the checks [`Self::read_sectors`] / [`Self::write_sectors`] make (range, read-only).
+    /// `Ok(None)`: the image is not a plain file (qcow2); use the buffered methods.
+    pub fn direct(&self, lba: u64, n: u32, write: bool) -> Result<Option<DirectXfer<'_>>, AtaError> {
+        self.check_range(lba, n)?;
+        if write && self.backend.is_read_only() {
+            return Err(AtaError::Abort);
+        }
+        Ok(self.backend.host_file().map(|file| DirectXfer { io: self, file, lba, write }))
+    }
+}
+
+/// One command's data moving between guest memory and a raw image without a bounce buffer:
+/// the transport walks its scatter list and hands each guest piece to [`DirectXfer::piece`].
+pub struct DirectXfer<'a> {
+    io: &'a SectorIo,
+    file: &'a std::fs::File,
+    lba: u64,
+    write: bool,
+}
+
+/// Why a piece of a [`DirectXfer`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceError {
+    /// The guest range is not RAM: a DMA fault of the controller.
+    Mem(GuestMemError),
+    /// The host I/O failed (logged): the drive aborts the command.
+    Device(AtaError),
+}
+
+impl DirectXfer<'_> {
+    /// Moves `len` bytes at byte `pos` of the transfer from/to guest memory at `gpa`.
+    pub fn piece(&self, mem: &dyn GuestRam, pos: usize, gpa: u64, len: usize) -> Result<(), PieceError> {
+        let off = self.lba * SECTOR_SIZE as u64 + pos as u64;
+        let r = if self.write {
+            mem.write_to_file(gpa, len, self.file, off)
+        } else {
+            mem.read_from_file(gpa, len, self.file, off)
+        };
+        r.map_err(|e| match e {
+            GuestFileError::Mem(m) => PieceError::Mem(m),
+            GuestFileError::Io(e) => {
+                let what = if self.write { "write" } else { "read" };
+                warn_limited!("ata-direct-err", "ata: image {what} at byte {off} failed: {e}");
+                PieceError::Device(AtaError::Abort)
+            }
+        })
+    }
+
+    /// Ends the transfer: a write is made durable before it completes when `fua` (None: the
+    /// command's own FUA setting) or the write cache is off, as [`SectorIo::write_sectors_fua`].
+    pub fn finish(&self, fua: Option<bool>) -> Result<(), AtaError> {
+        if self.write && (self.io.write_through || fua.unwrap_or(self.io.fua)) {
+            self.io.flush()?;
+        }
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@
 
 use thiserror::Error;
 
-use super::ata::{AtaError, SectorIo, SectorXfer, SECTOR_SIZE};
+use super::ata::{AtaError, DirectXfer, PieceError, SectorIo, SectorXfer, SECTOR_SIZE};
 use crate::mem::GuestRam;
 
 /// A bus (host side) failure: the controller sets its error bit.
@@ -125,15 +125,13 @@ impl DmaEngine {
         }
         let n = self.xfer.count.min(Self::CHUNK_SECTORS);
         let bytes = n as usize * SECTOR_SIZE;
-        self.buf.resize(bytes, 0);
-        let r = if self.xfer.write {
-            self.gather(mem, bytes).map_err(DmaFailure::Bus).and_then(|()| {
-                disk.write_sectors(self.xfer.lba, &self.buf[..bytes]).map_err(DmaFailure::Device)
-            })
-        } else {
-            disk.read_sectors(self.xfer.lba, &mut self.buf[..bytes])
-                .map_err(DmaFailure::Device)
-                .and_then(|()| self.scatter(mem, bytes).map_err(DmaFailure::Bus))
+        let r = match disk.direct(self.xfer.lba, n, self.xfer.write) {
+            Err(e) => Err(DmaFailure::Device(e)),
+            // A raw image: straight between the image and guest memory, no bounce buffer.
+            Ok(Some(d)) => {
+                self.direct(mem, &d, bytes).and_then(|()| d.finish(None).map_err(DmaFailure::Device))
+            }
+            Ok(None) => self.buffered(mem, disk, bytes),
         };
         if let Err(f) = r {
             return DmaStatus::Failed(f);
@@ -144,6 +142,33 @@ impl DmaEngine {
             DmaStatus::Done
         } else {
             DmaStatus::Running
+        }
+    }
+
+    fn direct(&mut self, mem: &dyn GuestRam, d: &DirectXfer<'_>, bytes: usize) -> Result<(), DmaFailure> {
+        let mut off = 0;
+        while off < bytes {
+            let (gpa, len) = self.cursor.next_segment(mem, bytes - off).map_err(DmaFailure::Bus)?;
+            d.piece(mem, off, gpa, len).map_err(|e| match e {
+                PieceError::Mem(_) => DmaFailure::Bus(DmaFault::BufferNotRam { gpa, len }),
+                PieceError::Device(a) => DmaFailure::Device(a),
+            })?;
+            off += len;
+        }
+        Ok(())
+    }
+
+    /// Through the bounce buffer (images that are not a plain file).
+    fn buffered(&mut self, mem: &dyn GuestRam, disk: &SectorIo, bytes: usize) -> Result<(), DmaFailure> {
+        self.buf.resize(bytes, 0);
+        if self.xfer.write {
+            self.gather(mem, bytes).map_err(DmaFailure::Bus).and_then(|()| {
+                disk.write_sectors(self.xfer.lba, &self.buf[..bytes]).map_err(DmaFailure::Device)
+            })
+        } else {
+            disk.read_sectors(self.xfer.lba, &mut self.buf[..bytes])
+                .map_err(DmaFailure::Device)
+                .and_then(|()| self.scatter(mem, bytes).map_err(DmaFailure::Bus))
         }
     }
 

@@ -2174,7 +2174,13 @@ mod tests {
     #[test]
     fn dma_read_multi_entry_and_64k_entry() {
         let img = pattern(256);
-        let r = Rig::with_disk(MemImage::new(img.clone(), false));
+        dma_read_multi_entry_on(&Rig::with_disk(MemImage::new(img.clone(), false)), &img);
+        // A raw file: the direct path (image <-> guest memory, no bounce buffer).
+        let t = TempFile::with_contents(&img);
+        dma_read_multi_entry_on(&Rig::with_disk(RawFile::open(&t.0, false).unwrap()), &img);
+    }
+
+    fn dma_read_multi_entry_on(r: &Rig, img: &[u8]) {
         // 8 sectors over three uneven pieces.
         r.write_prd(0x1000, &[(0x10000, 512, false), (0x20000, 1024, false), (0x30000, 2560, true)]);
         r.outl(BM + 4, 0x1000);
@@ -2262,7 +2268,27 @@ mod tests {
 
     #[test]
     fn dma_bad_prd_tables_end_with_error_not_hang() {
-        let r = Rig::with_disk(MemImage::new(vec![0; 1 << 20], false));
+        dma_bad_prd_tables_on(&Rig::with_disk(MemImage::new(vec![0; 1 << 20], false)));
+        let t = TempFile::with_contents(&vec![0; 1 << 20]);
+        dma_bad_prd_tables_on(&Rig::with_disk(RawFile::open(&t.0, false).unwrap()));
+    }
+
+    #[test]
+    fn dma_write_to_read_only_raw_file_aborts_and_leaves_it() {
+        let t = TempFile::with_contents(&vec![0x5a; 64 * SECTOR_SIZE]);
+        let r = Rig::with_disk(RawFile::open(&t.0, true).unwrap());
+        r.mem.write(0x50000, &[0xee; 1024]).unwrap();
+        r.write_prd(0x2000, &[(0x50000, 1024, true)]);
+        r.outl(BM + 4, 0x2000);
+        r.outb(BM, 0);
+        r.lba28(cmd::WRITE_DMA, 3, 2);
+        r.outb(BM, BM_CMD_START);
+        assert!(r.irq14());
+        assert_eq!((r.inb(0x1f7), r.inb(0x1f1)), (0x41, error::ABRT));
+        assert_eq!(std::fs::read(&t.0).unwrap(), vec![0x5a; 64 * SECTOR_SIZE]);
+    }
+
+    fn dma_bad_prd_tables_on(r: &Rig) {
         let run = |table: u32, sectors: u8| {
             r.outb(BM, 0);
             r.outb(BM + 2, BM_ST_INTERRUPT | BM_ST_ERROR);

@@ -82,6 +82,12 @@ pub trait BlockBackend: Send + Sync {
         self.len() == 0
     }
     fn is_read_only(&self) -> bool;
+    /// The file whose bytes are the disk, byte for byte (a raw image): controllers then move
+    /// data between it and guest memory directly ([`crate::mem::GuestRam::read_from_file`]).
+    /// `None` (the default) for formats with their own mapping, such as qcow2.
+    fn host_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A shared image is an image (so an `Arc` from [`open_image`] fits APIs taking a `Box`).
@@ -100,6 +106,9 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Arc<T> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
+    }
+    fn host_file(&self) -> Option<&File> {
+        (**self).host_file()
     }
 }
 
@@ -170,6 +179,9 @@ impl BlockBackend for RawFile {
     }
     fn len(&self) -> u64 {
         self.size
+    }
+    fn host_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
     fn is_read_only(&self) -> bool {
         self.read_only

@@ -4,7 +4,8 @@
 use thiserror::Error;
 
 use super::super::ata::{
-    cmd as ata_cmd, AtaAction, AtaDisk, AtaError, DriveKind, SectorIo, SectorXfer, Taskfile,
+    cmd as ata_cmd, AtaAction, AtaDisk, AtaError, DirectXfer, DriveKind, PieceError, SectorIo, SectorXfer,
+    Taskfile,
 };
 use super::super::atapi::{AtapiAction, AtapiDrive, CdReader, Sense, CDB_LEN, CD_BLOCK_SIZE};
 use super::io::{IoCmd, IoKind};
@@ -60,6 +61,18 @@ pub(super) enum DmaFault {
     Short,
     #[error(transparent)]
     Mem(#[from] GuestMemError),
+}
+
+/// How a direct (raw image) transfer stopped.
+enum DirectFault {
+    Dma(DmaFault),
+    Ata(AtaError),
+}
+
+impl From<DmaFault> for DirectFault {
+    fn from(e: DmaFault) -> Self {
+        DirectFault::Dma(e)
+    }
 }
 
 /// How a command failed.
@@ -154,11 +167,11 @@ impl<'a> Prdt<'a> {
     }
 
     /// Moves `len` bytes, calling `f(guest address, range in the caller's buffer)` per piece.
-    fn walk(
+    fn walk<E: From<DmaFault>>(
         &mut self,
         len: usize,
-        mut f: impl FnMut(&dyn GuestRam, u64, std::ops::Range<usize>) -> Result<(), GuestMemError>,
-    ) -> Result<(), DmaFault> {
+        mut f: impl FnMut(&dyn GuestRam, u64, std::ops::Range<usize>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut pos = 0;
         while pos < len {
             if self.left == 0 {
@@ -179,12 +192,23 @@ impl<'a> Prdt<'a> {
 
     /// Device to guest memory.
     pub(super) fn write_guest(&mut self, data: &[u8]) -> Result<(), DmaFault> {
-        self.walk(data.len(), |m, a, r| m.write(a, &data[r]))
+        self.walk(data.len(), |m, a, r| Ok::<_, DmaFault>(m.write(a, &data[r])?))
     }
 
     /// Guest memory to device.
     pub(super) fn read_guest(&mut self, data: &mut [u8]) -> Result<(), DmaFault> {
-        self.walk(data.len(), |m, a, r| m.read(a, &mut data[r]))
+        self.walk(data.len(), |m, a, r| Ok::<_, DmaFault>(m.read(a, &mut data[r])?))
+    }
+
+    /// A whole raw-image transfer of `len` bytes, piece by piece straight between the image
+    /// and guest memory.
+    fn direct(&mut self, d: &DirectXfer<'_>, len: usize) -> Result<(), DirectFault> {
+        self.walk(len, |m, a, r| {
+            d.piece(m, r.start, a, r.len()).map_err(|e| match e {
+                PieceError::Mem(m) => DirectFault::Dma(DmaFault::Mem(m)),
+                PieceError::Device(a) => DirectFault::Ata(a),
+            })
+        })
     }
 }
 
@@ -287,6 +311,17 @@ pub(super) fn transfer(
     fua: Option<bool>,
     port: usize,
 ) -> Result<(), Failure> {
+    // A raw image: one copy, image <-> guest memory, and no bounce buffer.
+    if let Some(d) = io.direct(x.lba, x.count, x.write)? {
+        return match prdt.direct(&d, x.count as usize * SECTOR) {
+            Ok(()) => Ok(d.finish(fua)?),
+            Err(DirectFault::Ata(e)) => Err(e.into()),
+            Err(DirectFault::Dma(e)) => {
+                warn_limited!(format!("ahci-dma-{port}"), "ahci port {port}: DMA failed: {e}");
+                Err(Failure::Hba)
+            }
+        };
+    }
     let mut buf = vec![0u8; x.count.min(CHUNK_SECTORS) as usize * SECTOR];
     let (mut lba, mut left) = (x.lba, x.count);
     while left > 0 {

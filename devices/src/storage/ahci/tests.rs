@@ -1040,3 +1040,57 @@ mod cd {
         assert!(b.c().decode(4, &mut SectionReader::new("ahci", &p)).is_err());
     }
 }
+
+/// A raw image file takes the direct path (image <-> guest memory, no bounce buffer): DMA and
+/// NCQ reads and writes land where they should, a PRD outside RAM is a DMA fault, and a
+/// read-only file refuses writes untouched.
+#[test]
+fn raw_file_disk_moves_data_directly() {
+    use crate::storage::image::{testfile::TempFile, RawFile};
+    let data = pattern(256 * 512);
+    let t = TempFile::with_contents(&data);
+    let ro = TempFile::with_contents(&[0x77; 64 * 512]);
+    let mut r = Rig::new();
+    r.c().attach_disk(1, Arc::new(RawFile::open(&t.0, false).unwrap())).unwrap();
+    r.c().attach_disk(2, Arc::new(RawFile::open(&ro.0, true).unwrap())).unwrap();
+    r.start(1);
+    r.start(2);
+    let ci = |r: &mut Rig, port: u64, slot: u64| r.pw(port, PX_CI, 1 << slot);
+    // DMA read of 3 sectors over two entries.
+    r.build_at(1, 0, h2d(ata::READ_DMA_EXT, 9, 3), &[(BUF, 1024, false), (BUF + 0x4000, 512, true)], 0);
+    ci(&mut r, 1, 0);
+    assert_eq!(r.pr(1, PX_TFD), 0x50);
+    assert_eq!(r.guest(BUF, 1024), &data[9 * 512..11 * 512]);
+    assert_eq!(r.guest(BUF + 0x4000, 512), &data[11 * 512..12 * 512]);
+    // DMA write, then NCQ write + read back.
+    r.mem.write(BUF + 0x8000, &[0x11; 1024]).unwrap();
+    r.build_at(1, 1, h2d(ata::WRITE_DMA_EXT, 40, 2), &[(BUF + 0x8000, 1024, false)], 1 << 6);
+    ci(&mut r, 1, 1);
+    r.mem.write(BUF + 0x9000, &[0x22; 512]).unwrap();
+    r.build_at(1, 2, ncq(true, 2, 50, 1), &[(BUF + 0x9000, 512, false)], 1 << 6);
+    r.pw(1, PX_SACT, 1 << 2);
+    ci(&mut r, 1, 2);
+    assert_eq!((r.pr(1, PX_CI), r.pr(1, PX_SACT), r.pr(1, PX_TFD)), (0, 0, 0x50));
+    r.build_at(1, 3, ncq(false, 3, 40, 11), &[(BUF + 0x10000, 11 * 512, false)], 0);
+    r.pw(1, PX_SACT, 1 << 3);
+    ci(&mut r, 1, 3);
+    let got = r.guest(BUF + 0x10000, 11 * 512);
+    assert_eq!(&got[..1024], &[0x11; 1024][..]);
+    assert_eq!(&got[1024..10 * 512], &data[42 * 512..50 * 512]);
+    assert_eq!(&got[10 * 512..], &[0x22; 512][..]);
+    let file = std::fs::read(&t.0).unwrap();
+    assert_eq!(&file[40 * 512..42 * 512], &[0x11; 1024][..]);
+    assert_eq!(&file[50 * 512..51 * 512], &[0x22; 512][..]);
+    // A buffer outside RAM: TFES, ERR|ABRT, the image intact.
+    r.pw(1, PX_IS, u32::MAX);
+    r.build_at(1, 4, h2d(ata::WRITE_DMA_EXT, 60, 1), &[(RAM as u64 + 0x1000, 512, false)], 1 << 6);
+    ci(&mut r, 1, 4);
+    assert_eq!(r.pr(1, PX_IS) & pxis::TFES, pxis::TFES);
+    assert_eq!(r.pr(1, PX_TFD), 0x451);
+    assert_eq!(&std::fs::read(&t.0).unwrap()[60 * 512..61 * 512], &data[60 * 512..61 * 512]);
+    // The read-only file: ABRT, unchanged.
+    r.build_at(2, 0, h2d(ata::WRITE_DMA_EXT, 0, 1), &[(BUF, 512, false)], 1 << 6);
+    ci(&mut r, 2, 0);
+    assert_eq!(r.pr(2, PX_TFD), 0x451);
+    assert_eq!(std::fs::read(&ro.0).unwrap(), vec![0x77; 64 * 512]);
+}
