@@ -14,6 +14,9 @@
 //! PxSACT set) until a `Drain` step (or the end of the input) runs their jobs, so resets, stops,
 //! saves and new commands land while jobs are pending and their completions may be stale.
 //!
+//! The first input byte picks the disks' backing: memory images (the buffered path) or raw files
+//! in the temp directory (the direct path, DMA straight between the file and guest memory).
+//!
 //! Checks beyond "no panic/hang/leak":
 //! - the images are only written whole sectors inside the writable disk; the read-only image and
 //!   the CD never change and no request reaches past an image's end;
@@ -26,6 +29,8 @@
 //! - a device reset restores the power-on register file.
 #![no_main]
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
@@ -39,7 +44,7 @@ use hvmdm_devices::storage::ahci::{
 };
 use hvmdm_devices::storage::ata::cmd;
 use hvmdm_devices::storage::atapi::{op as scsi, CdConfig};
-use hvmdm_devices::storage::{BlockBackend, BlockError, IoEngine, MemImage};
+use hvmdm_devices::storage::{BlockBackend, BlockError, IoEngine, MemImage, RawFile};
 use libfuzzer_sys::fuzz_target;
 
 const RAM_SIZE: u64 = 0x4_0000;
@@ -97,21 +102,66 @@ const OPCODES: [u8; 25] = [
     cmd::DEVICE_RESET,
 ];
 
-/// A `MemImage` that records out-of-range and partial-sector requests.
+/// The disks' initial contents.
+fn pattern(sectors: u64) -> Vec<u8> {
+    (0..sectors * SECTOR).map(|i| (i * 13 + i / 512) as u8).collect()
+}
+
+/// Where a [`Watched`] image keeps its bytes: memory (the buffered path), or a raw file, which
+/// the controller reaches directly (`BlockBackend::host_file`: DMA between the file and guest
+/// memory without a bounce buffer) as well as through `read_at`/`write_at` (PIO).
+enum Store {
+    Mem(MemImage),
+    File { raw: RawFile, path: PathBuf },
+}
+
+/// An image that records out-of-range and partial-sector requests.
 struct Watched {
-    img: MemImage,
+    store: Store,
+    len: u64,
+    read_only: bool,
     bad: Mutex<Vec<String>>,
 }
 
 impl Watched {
-    fn new(sectors: u64, read_only: bool) -> Self {
-        let bytes = (0..sectors * SECTOR).map(|i| (i * 13 + i / 512) as u8).collect();
-        Watched { img: MemImage::new(bytes, read_only), bad: Mutex::default() }
+    fn new(sectors: u64, read_only: bool, file: bool) -> Self {
+        let bytes = pattern(sectors);
+        let len = bytes.len() as u64;
+        let store = if file {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!("hvmdm-fuzz-ahci-{}-{n}", std::process::id()));
+            std::fs::write(&path, &bytes).unwrap();
+            Store::File { raw: RawFile::open(&path, read_only).unwrap(), path }
+        } else {
+            Store::Mem(MemImage::new(bytes, read_only))
+        };
+        Watched { store, len, read_only, bad: Mutex::default() }
+    }
+    fn backend(&self) -> &dyn BlockBackend {
+        match &self.store {
+            Store::Mem(m) => m,
+            Store::File { raw, .. } => raw,
+        }
+    }
+    fn contents(&self) -> Vec<u8> {
+        match &self.store {
+            Store::Mem(m) => m.contents(),
+            Store::File { path, .. } => std::fs::read(path).unwrap(),
+        }
     }
     fn note(&self, what: &str, offset: u64, len: usize) {
         let end = offset.checked_add(len as u64);
-        if end.is_none_or(|e| e > self.img.len()) || offset % SECTOR != 0 || len as u64 % SECTOR != 0 {
+        if end.is_none_or(|e| e > self.len) || offset % SECTOR != 0 || len as u64 % SECTOR != 0 {
             self.bad.lock().unwrap().push(format!("{what} {offset:#x}+{len:#x}"));
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Store::File { path, .. } = &self.store {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -119,23 +169,26 @@ impl Watched {
 impl BlockBackend for Watched {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         self.note("read", offset, buf.len());
-        self.img.read_at(offset, buf)
+        self.backend().read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
         self.note("write", offset, buf.len());
-        if self.img.is_read_only() {
+        if self.read_only {
             self.bad.lock().unwrap().push("write to a read-only image".into());
         }
-        self.img.write_at(offset, buf)
+        self.backend().write_at(offset, buf)
     }
     fn flush(&self) -> Result<(), BlockError> {
-        self.img.flush()
+        self.backend().flush()
     }
     fn len(&self) -> u64 {
-        self.img.len()
+        self.len
     }
     fn is_read_only(&self) -> bool {
-        self.img.is_read_only()
+        self.read_only
+    }
+    fn host_file(&self) -> Option<&std::fs::File> {
+        self.backend().host_file()
     }
 }
 
@@ -360,11 +413,12 @@ struct Rig {
     disks: [Arc<Watched>; 3],
 }
 
-fn images() -> [Arc<Watched>; 3] {
+/// `file`: the disks are raw files (the direct DMA path) rather than memory images.
+fn images(file: bool) -> [Arc<Watched>; 3] {
     [
-        Arc::new(Watched::new(RW_SECTORS, false)),
-        Arc::new(Watched::new(RO_SECTORS, true)),
-        Arc::new(Watched::new(CD_BLOCKS * 4, true)),
+        Arc::new(Watched::new(RW_SECTORS, false, file)),
+        Arc::new(Watched::new(RO_SECTORS, true, file)),
+        Arc::new(Watched::new(CD_BLOCKS * 4, true, file)),
     ]
 }
 
@@ -385,16 +439,16 @@ fn build(disks: &[Arc<Watched>; 3]) -> (Arc<TestRam>, Arc<Mutex<AhciController>>
 }
 
 impl Rig {
-    fn new() -> Self {
-        let disks = images();
+    fn new(file: bool) -> Self {
+        let disks = images(file);
         let (mem, ctrl, mut func) = build(&disks);
         func.config_write(4, u32::from(PCI_COMMAND_MASTER), 0x3);
         Rig { mem, ctrl, func, disks }
     }
 
     /// Ports 0..2 started the way drivers do (lists at 0x1000 * (port + 1), FIS areas after).
-    fn started() -> Self {
-        let mut r = Rig::new();
+    fn started(file: bool) -> Self {
+        let mut r = Rig::new(file);
         for port in 0..3u8 {
             let base = 0x1000 * (u32::from(port) + 1);
             let start =
@@ -578,7 +632,7 @@ impl Rig {
             Op::Reset => {
                 self.func.reset();
                 self.ctrl.lock().unwrap().reset();
-                let fresh = Rig::new();
+                let fresh = Rig::new(false);
                 for off in (0..0x400u64).step_by(4) {
                     assert_eq!(self.r32(off), fresh.r32(off), "register {off:#x} after reset");
                 }
@@ -589,7 +643,7 @@ impl Rig {
     fn save_restore(&self) {
         let mut w = SectionWriter::new();
         self.ctrl.lock().unwrap().save(&mut w);
-        let disks = images();
+        let disks = images(false);
         let (mem, other, _) = build(&disks);
         // Commands in flight are re-issued from what the save recorded; their PRDTs are in RAM.
         let mut ram = vec![0u8; RAM_SIZE as usize];
@@ -640,16 +694,15 @@ impl Rig {
             let bad = d.bad.lock().unwrap();
             assert!(bad.is_empty(), "image requests: {bad:?}");
         }
-        let ro = Watched::new(RO_SECTORS, true).img.contents();
-        assert_eq!(self.disks[1].img.contents(), ro, "read-only image changed");
-        let cd = Watched::new(CD_BLOCKS * 4, true).img.contents();
-        assert_eq!(self.disks[2].img.contents(), cd, "CD medium changed");
-        assert_eq!(self.disks[0].img.len(), RW_SECTORS * SECTOR);
+        assert_eq!(self.disks[1].contents(), pattern(RO_SECTORS), "read-only image changed");
+        assert_eq!(self.disks[2].contents(), pattern(CD_BLOCKS * 4), "CD medium changed");
+        assert_eq!(self.disks[0].contents().len() as u64, RW_SECTORS * SECTOR, "writable image resized");
     }
 }
 
-fuzz_target!(|ops: Vec<Op>| {
-    let mut rig = Rig::started();
+fuzz_target!(|input: (bool, Vec<Op>)| {
+    let (file, ops) = input;
+    let mut rig = Rig::started(file);
     for op in ops.iter().take(64) {
         rig.step(op);
         rig.check();
