@@ -76,6 +76,9 @@ pub struct DiskConfig {
     /// The id QMP names the drive by (`ide0-hd0` style when none was given).
     pub id: Option<String>,
     pub media: DiskMedia,
+    /// The drive's write cache at power-on (`cache=writeback`, the default); `cache=writethrough`
+    /// turns it off, so every write is flushed to the image before it completes.
+    pub write_cache: bool,
 }
 
 impl DiskConfig {
@@ -147,7 +150,8 @@ pub fn check_smp(n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-/// `file=PATH[,if=ide|ahci][,readonly=on|off][,format=raw|qcow2][,media=disk|cdrom]`; a CD-ROM
+/// `file=PATH[,if=ide|ahci][,readonly=on|off][,format=raw|qcow2][,media=disk|cdrom]`
+/// `[,cache=writeback|writethrough]`; a CD-ROM
 /// drive (IDE or AHCI) may leave out `file=` to start empty, and is always read-only.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadDisk(s.to_string(), why.to_string());
@@ -156,6 +160,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut readonly = false;
     let mut format = hvmdm_devices::storage::ImageFormat::Raw;
     let mut media = DiskMedia::Disk;
+    let mut write_cache = true;
     for part in s.split(',') {
         let (k, v) = part.split_once('=').ok_or_else(|| bad("expected key=value"))?;
         match k {
@@ -180,6 +185,14 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
                     _ => return Err(bad(&format!("media {v}: expected disk or cdrom"))),
                 }
             }
+            "cache" => {
+                write_cache = match v {
+                    "writeback" => true,
+                    "writethrough" => false,
+                    // O_DIRECT host I/O and ignored flushes are not implemented: say so.
+                    _ => return Err(bad(&format!("cache={v}: only writeback and writethrough"))),
+                }
+            }
             other => return Err(bad(&format!("unknown key {other}"))),
         }
     }
@@ -194,6 +207,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
                 index: None,
                 id: None,
                 media,
+                write_cache,
             });
         }
     }
@@ -202,7 +216,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         let what = if media == DiskMedia::Cdrom { "CD-ROM image" } else { "disk image" };
         return Err(ConfigError::Missing { what, path, hint: String::new() });
     }
-    Ok(DiskConfig { path, interface, readonly, format, index: None, id: None, media })
+    Ok(DiskConfig { path, interface, readonly, format, index: None, id: None, media, write_cache })
 }
 
 /// At most [`IDE_POSITIONS`] IDE and [`AHCI_PORTS`] AHCI disks.
@@ -297,6 +311,12 @@ mod tests {
         let empty = parse_disk("media=cdrom").unwrap();
         assert!(empty.is_cdrom() && !empty.has_medium());
         assert!(parse_disk("media=floppy").is_err());
+        // cache=: the write cache at power-on; host-side modes we do not implement are refused.
+        assert!(parse_disk("file=/etc/hostname").unwrap().write_cache);
+        assert!(parse_disk("file=/etc/hostname,cache=writeback").unwrap().write_cache);
+        assert!(!parse_disk("file=/etc/hostname,cache=writethrough").unwrap().write_cache);
+        let e = parse_disk("file=/etc/hostname,cache=none").unwrap_err().to_string();
+        assert!(e.contains("cache=none"), "{e}");
         assert!(parse_disk("if=ide,media=disk").is_err());
         let e = parse_disk("file=/nonexistent/x.iso,media=cdrom").unwrap_err().to_string();
         assert!(e.contains("CD-ROM image"), "{e}");

@@ -238,7 +238,11 @@ impl Machine {
                 let cd = storage::CdConfig { serial: format!("HV{:05}", pos + 1), ..Default::default() };
                 c.attach_cdrom(pos / 2, pos % 2, media, cd)?;
             } else {
-                c.attach(pos / 2, pos % 2, Box::new(open(d.readonly)?), DriveKind::Disk)?;
+                let dc = storage::DiskConfig {
+                    write_cache: d.write_cache,
+                    ..IdeController::disk_config(pos / 2, pos % 2)
+                };
+                c.attach_with_config(pos / 2, pos % 2, open(d.readonly)?, DriveKind::Disk, dc)?;
             }
         }
 
@@ -348,7 +352,9 @@ impl Machine {
                 let cd = storage::CdConfig { serial: format!("HVA{:04}", port + 1), ..Default::default() };
                 c.attach_cdrom(port, media, cd)?;
             } else {
-                c.attach_disk(port, open(d.readonly)?)?;
+                let dc =
+                    storage::DiskConfig { write_cache: d.write_cache, ..AhciController::disk_config(port) };
+                c.attach_disk_with_config(port, open(d.readonly)?, dc)?;
             }
         }
         Ok(Some((ctrl, Arc::new(Mutex::new(func)))))
@@ -922,6 +928,7 @@ mod tests {
             index,
             id: None,
             media: crate::config::DiskMedia::Disk,
+            write_cache: true,
         };
         let cfg = MachineConfig {
             memory: 256 << 20,

@@ -54,7 +54,8 @@ struct KvmArgs {
     /// Kernel command line for direct boot.
     #[arg(long, default_value = "")]
     append: String,
-    /// file=PATH[,if=ide][,readonly=on][,format=raw][,media=disk]; repeatable.
+    /// file=PATH[,if=ide|ahci][,readonly=on][,format=raw|qcow2][,media=disk|cdrom]
+    /// [,cache=writeback|writethrough]; repeatable.
     #[arg(long)]
     disk: Vec<String>,
     /// stdio, file:PATH, pty or none (COM1).

@@ -145,6 +145,8 @@ pub fn from_dm_args(a: &DmArgs) -> Result<(MachineConfig, XenOpts), XenConfigErr
             index: Some(index),
             id: d.id.clone(),
             media: if cdrom { DiskMedia::Cdrom } else { DiskMedia::Disk },
+            // libxl passes cache=writeback; the write-through modes start with the cache off.
+            write_cache: !matches!(d.cache.as_deref(), Some("writethrough" | "directsync")),
         });
     }
 
@@ -297,10 +299,12 @@ mod tests {
             "-xen-domid 1 -m 512 -device ahci,id=ahci0 \
              -drive file=/a,if=none,id=ahcidisk-0,format=raw,cache=writeback \
              -device ide-hd,bus=ahci0.0,unit=0,drive=ahcidisk-0 \
-             -drive file=/b,if=none,id=ahcidisk-3,format=raw,cache=writeback \
+             -drive file=/b,if=none,id=ahcidisk-3,format=raw,cache=writethrough \
              -device ide-hd,bus=ahci0.3,unit=0,drive=ahcidisk-3",
         )
         .unwrap();
+        // cache=writethrough: the drive starts with its write cache off.
+        assert_eq!(cfg.disks.iter().map(|d| d.write_cache).collect::<Vec<_>>(), vec![true, false]);
         let got: Vec<_> = cfg.disks.iter().map(|d| (d.path.clone(), d.interface, d.index)).collect();
         assert_eq!(
             got,

@@ -1290,8 +1290,12 @@ impl IdeController {
         backend: Box<dyn BlockBackend>,
         kind: DriveKind,
     ) -> Result<(), IdeError> {
-        let config = DiskConfig { serial: format!("HV{:05}", channel * 2 + drive + 1), ..Default::default() };
-        self.attach_with_config(channel, drive, Arc::from(backend), kind, config)
+        self.attach_with_config(channel, drive, Arc::from(backend), kind, Self::disk_config(channel, drive))
+    }
+
+    /// The identity [`Self::attach`] gives a disk at `channel`/`drive` (serial HV0000n).
+    pub fn disk_config(channel: usize, drive: usize) -> DiskConfig {
+        DiskConfig { serial: format!("HV{:05}", channel * 2 + drive + 1), ..Default::default() }
     }
 
     /// Attaches an image with explicit model/serial/firmware/write-cache settings.

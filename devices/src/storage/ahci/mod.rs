@@ -411,8 +411,12 @@ impl AhciController {
 
     /// Attaches a disk with a default identity (serial derived from the port).
     pub fn attach_disk(&mut self, port: usize, backend: Arc<dyn BlockBackend>) -> Result<(), AhciError> {
-        let config = DiskConfig { serial: format!("HVA{:04}", port + 1), ..Default::default() };
-        self.attach_disk_with_config(port, backend, config)
+        self.attach_disk_with_config(port, backend, Self::disk_config(port))
+    }
+
+    /// The identity [`Self::attach_disk`] gives a disk on `port` (serial HVA000n).
+    pub fn disk_config(port: usize) -> DiskConfig {
+        DiskConfig { serial: format!("HVA{:04}", port + 1), ..Default::default() }
     }
 
     pub fn attach_disk_with_config(
