@@ -221,10 +221,27 @@ while [ ${#pending[@]} -gt 0 ] && [ $tries -lt 3 ]; do
     if [ ${#REQUEUE[@]} -eq ${#pending[@]} ]; then tries=$((tries + 1)); else tries=0; fi
     pending=("${REQUEUE[@]}")
 done
+# Isolated scenarios get their own outer boot, limited to the scenario's own time-out plus the
+# outer VM's boot (not the whole lane's limit): an outer TCG VM that wedges (seen once with
+# hvmdm-ovmf-cd-boot: no console output at all, the in-VM time-out never fired) then costs
+# minutes, and the scenario is run once more in a fresh boot. Both attempts stay on record: the
+# first one's log as <name>.wedged.log, and a line in summary.txt.
+lane_limit=$BOOT_TIMEOUT
 for n in "${isolated[@]}"; do
+    t=$(. "${FILE_OF[$n]}" > /dev/null 2>&1; echo "${SCENARIO_TIMEOUT:-300}")
+    case "$t" in ''|*[!0-9]*) t=300 ;; esac
+    BOOT_TIMEOUT=$((t + 150))
+    [ "$BOOT_TIMEOUT" -gt "$lane_limit" ] && BOOT_TIMEOUT=$lane_limit
     run_batch "$n"
+    if [ ${#REQUEUE[@]} -eq 0 ] && grep -q "^LANEK-RESULT $n outer-died" "$OUT/$n.log" 2>/dev/null; then
+        mv "$OUT/$n.log" "$OUT/$n.wedged.log"
+        echo "$n: outer VM died or wedged (log kept as $n.wedged.log); retried in a fresh boot" >> "$SUMMARY"
+        log "$n: outer VM died or wedged; once more in a fresh boot"
+        run_batch "$n"
+    fi
     [ ${#REQUEUE[@]} -eq 0 ] || pending+=("$n")
 done
+BOOT_TIMEOUT=$lane_limit
 for n in "${pending[@]}"; do
     { echo "LANEK-META name=$n $(meta "${FILE_OF[$n]}")"; echo "LANEK-RESULT $n not-run"; } > "$OUT/$n.log"
 done
