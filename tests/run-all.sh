@@ -56,6 +56,14 @@ x_rc=${PIPESTATUS[0]}
 failed=$(sed -nE 's#^FAIL ([^/]+)/.*#\1#p' /tmp/hvmdm-lanex.log | sort -u | tr '\n' ' ')
 : > /tmp/hvmdm-lanex-retry.log
 if [ -n "${failed// /}" ] && [ -z "${LANEX_NO_RETRY:-}" ]; then
+    # The retry overwrites tests/lanex/out: keep the failed attempt, and print what it did
+    # (steps, operations, xl and device-model output; not the guest's serial or xl dmesg).
+    rm -rf tests/lanex/out.first && cp -r tests/lanex/out tests/lanex/out.first
+    for n in $failed; do
+        echo "== lane X: first attempt of $n (kept in tests/lanex/out.first/$n.log)"
+        grep -aE '^[A-Za-z0-9._-]+\|' "tests/lanex/out/$n.log" |
+            grep -avE '^(serial|xl-dmesg|xl-create|outer|cfg|hypervisor\.log|xl|ps-[a-z-]+)\|' | tail -n 80
+    done
     echo "== lane X: retrying $failed"
     bash tests/lanex/run-lane-x.sh $failed 2>&1 | tee /tmp/hvmdm-lanex-retry.log
     x_rc=${PIPESTATUS[0]}

@@ -339,14 +339,30 @@ op_cdchange() {
     s1=$(cdsum cd1) s2=$(cdsum cd2)
     wait_for 60 cdis "$s1" && initial=1 || initial=0
     t=$(up)
-    xlop cdeject 60 cd-eject "$GUEST" hdc; erc=$?
+    # The guest's watcher holds /dev/sr0 open for each read, and Linux locks the tray while it
+    # is open: an eject that lands then is refused ("Device 'ide-5632' is locked and force was
+    # not specified, wait for tray to open and try again", from hvmdm and qemu-xen alike, and
+    # libxl does not force). Try again, as an operator would; the attempts are reported.
+    etries=0
+    while :; do
+        etries=$((etries + 1))
+        xlop cdeject 60 cd-eject "$GUEST" hdc; erc=$?
+        [ "$erc" = 0 ] || [ "$etries" -ge 5 ] && break
+        sleep 1
+    done
     wait_for 120 cdis none && ejected=1 || ejected=0
     eject_s=$(since "$t")
     t=$(up)
-    xlop cdinsert 60 cd-insert "$GUEST" hdc "$dir/cd2.iso"; irc=$?
+    itries=0
+    while :; do
+        itries=$((itries + 1))
+        xlop cdinsert 60 cd-insert "$GUEST" hdc "$dir/cd2.iso"; irc=$?
+        [ "$irc" = 0 ] || [ "$itries" -ge 5 ] && break
+        sleep 1
+    done
     wait_for 120 cdis "$s2" && inserted=1 || inserted=0
     insert_s=$(since "$t")
-    op "cdchange initial=$initial eject_rc=$erc ejected=$ejected eject_s=$eject_s insert_rc=$irc inserted=$inserted insert_s=$insert_s last=$(cdlast | cut -c1-16)"
+    op "cdchange initial=$initial eject_rc=$erc eject_tries=$etries ejected=$ejected eject_s=$eject_s insert_rc=$irc insert_tries=$itries inserted=$inserted insert_s=$insert_s last=$(cdlast | cut -c1-16)"
 }
 
 # What the running device model looks like: restricted (dm_restrict=1) or not.
