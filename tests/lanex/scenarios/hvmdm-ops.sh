@@ -1,10 +1,10 @@
 # As qemu-xen-ops (see there), with hvmdm as the device model and an AHCI disk (hdtype="ahci":
-# SeaBIOS loads the kernel by DMA, twice as fast under nested TCG as IDE). hvmdm has no Xen platform device
-# yet, so the guest has no PV drivers: `xl shutdown -F` presses the ACPI power button (Xen raises
-# it; the guest's button driver powers off through hvmdm's PM1a_CNT), checked by `powerbtn`.
-# No `xl reboot`: without PV drivers xl cannot ask the guest to reboot (qemu-xen-ops covers it with
-# the platform device; Xen has no reset trigger for `xl reboot -F`). Instead `xl trigger nmi` makes
-# the guest run `reboot -f` (nmireboot), which resets through hvmdm: a new domain and hvmdm boot.
+# SeaBIOS loads the kernel by DMA, twice as fast under nested TCG as IDE). The guest runs `nopv`
+# (no PV drivers): `xl shutdown -F` presses the ACPI power button (Xen raises it; the guest's
+# button driver powers off through hvmdm's PM1a_CNT), checked by `powerbtn`. No `xl reboot` here
+# (hvmdm-pvctl covers it with the guest's PV support on; Xen has no reset trigger for
+# `xl reboot -F`). Instead `xl trigger nmi` makes the guest run `reboot -f` (nmireboot), which
+# resets through hvmdm: a new domain and hvmdm boot.
 # With maxvcpus=2, `xl vcpu-set 2` hot-adds vCPU 1 through hvmdm's QMP device_add, CPU bitmap and
 # GPE (vcpuset), and an ACPI S3 round trip (`xl trigger sleep` / `s3resume`, s3) runs on the
 # rebooted guest. qemu-xen-acpi is the same guest and operations with qemu-xen.
