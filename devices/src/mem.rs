@@ -16,7 +16,7 @@ pub enum GuestMemError {
 /// A transfer between guest memory and a host file failed on one side or the other.
 #[derive(Debug, Error)]
 pub enum GuestFileError {
-    /// The guest range is not RAM (a DMA fault: the controller's error, no host I/O done).
+    /// The guest range is not RAM (a DMA fault: the controller's error, not the drive's).
     #[error(transparent)]
     Mem(#[from] GuestMemError),
     /// The host read or write failed (the drive's error).

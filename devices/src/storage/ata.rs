@@ -773,14 +773,26 @@ impl SectorIo {
     }
 
     pub fn write_sectors_fua(&self, lba: u64, buf: &[u8], fua: bool) -> Result<(), AtaError> {
-        self.check_range(lba, (buf.len() / SECTOR_SIZE) as u32)?;
-        if self.backend.is_read_only() {
-            return Err(AtaError::Abort);
-        }
+        self.check_write(lba, (buf.len() / SECTOR_SIZE) as u32)?;
         self.backend.write_at(lba * SECTOR_SIZE as u64, buf).map_err(|e| {
             warn_limited!("ata-write-err", "ata: image write at sector {lba} failed: {e}");
             AtaError::Abort
         })?;
+        self.settle_write(fua)
+    }
+
+    /// A write of `n` sectors at `lba` may go ahead: inside the disk (else IDNF) and the image
+    /// writable (else ABRT).
+    fn check_write(&self, lba: u64, n: u32) -> Result<(), AtaError> {
+        self.check_range(lba, n)?;
+        if self.backend.is_read_only() {
+            return Err(AtaError::Abort);
+        }
+        Ok(())
+    }
+
+    /// After a write: durable before it completes for a FUA command or with the write cache off.
+    fn settle_write(&self, fua: bool) -> Result<(), AtaError> {
         if self.write_through || fua {
             self.flush()?;
         }
@@ -798,9 +810,10 @@ impl SectorIo {
     /// after the checks [`Self::read_sectors`] / [`Self::write_sectors`] make (range, read-only).
     /// `Ok(None)`: the image is not a plain file (qcow2); use the buffered methods.
     pub fn direct(&self, lba: u64, n: u32, write: bool) -> Result<Option<DirectXfer<'_>>, AtaError> {
-        self.check_range(lba, n)?;
-        if write && self.backend.is_read_only() {
-            return Err(AtaError::Abort);
+        if write {
+            self.check_write(lba, n)?;
+        } else {
+            self.check_range(lba, n)?;
         }
         Ok(self.backend.host_file().map(|file| DirectXfer { io: self, file, lba, write }))
     }
@@ -846,10 +859,10 @@ impl DirectXfer<'_> {
     /// Ends the transfer: a write is made durable before it completes when `fua` (None: the
     /// command's own FUA setting) or the write cache is off, as [`SectorIo::write_sectors_fua`].
     pub fn finish(&self, fua: Option<bool>) -> Result<(), AtaError> {
-        if self.write && (self.io.write_through || fua.unwrap_or(self.io.fua)) {
-            self.io.flush()?;
+        if !self.write {
+            return Ok(());
         }
-        Ok(())
+        self.io.settle_write(fua.unwrap_or(self.io.fua))
     }
 }
 
