@@ -156,20 +156,6 @@ xlop() { # NAME TIMEOUT ARGS...: run xl, keep its output as stream xl-NAME, retu
     return $_rc
 }
 
-# xlop_tries NAME TRIES ARGS...: xlop (60 s each) until it succeeds or TRIES attempts failed;
-# returns the last status and sets $_tries to the attempts made.
-xlop_tries() {
-    _xn=$1 _max=$2 _tries=0
-    shift 2
-    while :; do
-        _tries=$((_tries + 1))
-        xlop "$_xn" 60 "$@" && return 0
-        _xrc=$?
-        [ "$_tries" -ge "$_max" ] && return $_xrc
-        sleep 1
-    done
-}
-
 # The operations (SCENARIO_OPS). Each works on the current $domid/$dmpid and updates them.
 op_pause() {
     beating
@@ -361,11 +347,23 @@ op_cdchange() {
     # is open: an eject that lands then is refused ("Device 'ide-5632' is locked and force was
     # not specified, wait for tray to open and try again", from hvmdm and qemu-xen alike, and
     # libxl does not force). Try again, as an operator would; the attempts are reported.
-    xlop_tries cdeject 5 cd-eject "$GUEST" hdc; erc=$? etries=$_tries
+    etries=0
+    while :; do
+        etries=$((etries + 1))
+        xlop cdeject 60 cd-eject "$GUEST" hdc; erc=$?
+        [ "$erc" = 0 ] || [ "$etries" -ge 5 ] && break
+        sleep 1
+    done
     wait_for 120 cdis none && ejected=1 || ejected=0
     eject_s=$(since "$t")
     t=$(up)
-    xlop_tries cdinsert 5 cd-insert "$GUEST" hdc "$dir/cd2.iso"; irc=$? itries=$_tries
+    itries=0
+    while :; do
+        itries=$((itries + 1))
+        xlop cdinsert 60 cd-insert "$GUEST" hdc "$dir/cd2.iso"; irc=$?
+        [ "$irc" = 0 ] || [ "$itries" -ge 5 ] && break
+        sleep 1
+    done
     wait_for 120 cdis "$s2" && inserted=1 || inserted=0
     insert_s=$(since "$t")
     op "cdchange initial=$initial eject_rc=$erc eject_tries=$etries ejected=$ejected eject_s=$eject_s insert_rc=$irc insert_tries=$itries inserted=$inserted insert_s=$insert_s last=$(cdlast | cut -c1-16)"
